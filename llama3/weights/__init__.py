@@ -61,6 +61,29 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return read_hf(p)
 
 
+def read_tokenizer(path: Path):
+    """The tokenizer stored in a checkpoint directory and its chat template (None for Llama 3's own format).
+
+    Meta's tiktoken file (tokenizer.model, or original/tokenizer.model in HF repositories) is preferred: it is the
+    exact Llama 3 tokenizer. Otherwise a byte-level BPE tokenizer.json; otherwise (None, None)."""
+    import json
+    template = None
+    tok_cfg = path / "tokenizer_config.json"
+    if tok_cfg.exists():
+        try:
+            template = json.loads(tok_cfg.read_text()).get("chat_template")
+        except json.JSONDecodeError as e:
+            raise WeightsError(f"{tok_cfg}: not valid JSON ({e})") from None
+    for candidate in (path / "tokenizer.model", path / "original" / "tokenizer.model"):
+        if candidate.exists():
+            from ..tokenizer import Tokenizer
+            return Tokenizer(str(candidate)), None
+    if (path / "tokenizer.json").exists():
+        from ..tokenizer import BPETokenizer
+        return BPETokenizer.from_hf_json(path / "tokenizer.json"), template
+    return None, template
+
+
 def check_state_dict(state_dict: dict[str, Tensor], expected: dict[str, tuple[int, ...]], source: str) -> None:
     """Names and shapes must match the model exactly; say which ones do not."""
     missing = sorted(set(expected) - set(state_dict))

@@ -16,7 +16,7 @@ from safetensors.torch import safe_open, save_file
 from torch import Tensor
 
 from ..args import ModelArgs, RopeScaling
-from . import Checkpoint, WeightsError
+from . import Checkpoint, WeightsError, read_tokenizer
 
 _LAYER_NAMES = {  # Meta name inside layers.N -> HF name inside model.layers.N
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -151,26 +151,8 @@ def read_hf(path: Path) -> Checkpoint:
         state_dict[m] = t
     if args.tie_embeddings:
         state_dict.pop("output.weight", None)
-    tokenizer, template = _read_tokenizer(path)
+    tokenizer, template = read_tokenizer(path)
     return Checkpoint(args, state_dict, tokenizer, template, format="hf")
-
-
-def _read_tokenizer(path: Path):
-    template = None
-    tok_cfg = path / "tokenizer_config.json"
-    if tok_cfg.exists():
-        template = json.loads(tok_cfg.read_text()).get("chat_template")
-    for candidate in (path / "original" / "tokenizer.model", path / "tokenizer.model"):
-        if candidate.exists():
-            from ..tokenizer import Tokenizer
-            try:
-                return Tokenizer(str(candidate)), None  # Meta's tiktoken file: use the Llama 3 chat format
-            except Exception:
-                break
-    if (path / "tokenizer.json").exists():
-        from ..tokenizer import BPETokenizer
-        return BPETokenizer.from_hf_json(path / "tokenizer.json"), template
-    return None, template
 
 
 def write_hf(path: Path, args: ModelArgs, state_dict: dict[str, Tensor]) -> None:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..args import ModelArgs, RopeScaling
-from . import Checkpoint, WeightsError
+from . import Checkpoint, WeightsError, read_tokenizer
 
 # Model-parallel shards split these along dim 0 (column-parallel) or the last dim (row-parallel); the rest
 # (the norms) are replicated on every rank.
@@ -104,11 +104,8 @@ def read_meta(path: Path) -> Checkpoint:
     state_dict = {k: v for k, v in state_dict.items() if not k.endswith("rope.freqs")}  # old Meta files carry it
     if "output.weight" not in state_dict and "tok_embeddings.weight" in state_dict:
         args.tie_embeddings = True
-    tokenizer = None
-    if (path / "tokenizer.model").exists():
-        from ..tokenizer import Tokenizer
-        tokenizer = Tokenizer(str(path / "tokenizer.model"))
-    return Checkpoint(args, state_dict, tokenizer, format="meta")
+    tokenizer, template = read_tokenizer(path)
+    return Checkpoint(args, state_dict, tokenizer, template, format="meta")
 
 
 def write_meta(path: Path, args: ModelArgs, state_dict: dict[str, Tensor], n_shards: int = 1,
