@@ -408,11 +408,12 @@ class Batches:
         self.step = int(state["step"])
 
 
-def fixed_batches(rows: list, batch_size: int, pad_id: int, *, rank: int = 0, world_size: int = 1) -> Iterator[list]:
-    """Every row once, in order (validation): this rank's block of each global batch. Every rank gets the same
-    number of batches, since data-parallel forwards must run in step; a rank past the end gets a row with nothing
-    to learn."""
+def fixed_batches(rows: list, batch_size: int, *, rank: int = 0, world_size: int = 1
+                  ) -> Iterator[tuple[list, bool]]:
+    """Every row once, in order (validation): (this rank's block of each global batch, True). Every rank gets the
+    same number of batches, since data-parallel forwards run in step; a rank past the end gets (the first rows,
+    False), to run and not count."""
     per_step = batch_size * world_size
     for first in range(0, len(rows), per_step):
         mine = rows[first + rank * batch_size:first + (rank + 1) * batch_size]
-        yield mine or [Row([pad_id, pad_id], [IGNORE, IGNORE], [0, 1])]
+        yield (mine, True) if mine else (rows[:batch_size], False)

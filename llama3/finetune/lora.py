@@ -105,9 +105,11 @@ def _replace(model: nn.Module, fn) -> list[str]:
     return swapped
 
 
-def add_lora(model: nn.Module, cfg: LoRAConfig, quant: QuantKind | None = None, block_size: int = 64) -> list[str]:
+def add_lora(model: nn.Module, cfg: LoRAConfig, quant: QuantKind | None = None, block_size: int = 64,
+             device: torch.device | str | None = None) -> list[str]:
     """Freeze the model and wrap the targeted projections of every block with adapters; with `quant`, store every
-    frozen projection of the blocks in 4 bits first (QLoRA). Returns the names of the wrapped layers."""
+    frozen projection of the blocks in 4 bits first (QLoRA), each moved to `device` just before it is quantized so
+    the full-precision model never has to fit there. Returns the names of the wrapped layers."""
     cfg.check()
     targets = cfg.target_names()
     model.requires_grad_(False)
@@ -116,7 +118,7 @@ def add_lora(model: nn.Module, cfg: LoRAConfig, quant: QuantKind | None = None, 
         if not isinstance(layer, (nn.Linear, Linear4bit)):
             return None
         if quant is not None and isinstance(layer, nn.Linear):
-            layer = Linear4bit.from_linear(layer, quant, block_size)
+            layer = Linear4bit.from_linear(layer.to(device), quant, block_size)
         if name in targets:
             return LoRALinear(layer, cfg.rank, cfg.alpha, cfg.dropout)
         return layer if quant is not None else None
