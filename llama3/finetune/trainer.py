@@ -12,6 +12,8 @@ schedule, DCP checkpoints (only the trained tensors), and the metrics writer.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import json
 import re
 import resource
@@ -54,8 +56,12 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        # glibc keeps freed heap memory (the weights replaced by 4-bit codes) resident until asked to return it.
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the process's peak resident set
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the peak resident set from the current one
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -288,12 +294,13 @@ class Finetuner:
             for k, v in extra.items():
                 stats[k] = stats.get(k, 0.0) + float(v)
         grad_norm = self.clip_gradients()
+        lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         keys = sorted(stats)
         sums = self.all_sum([float(loss_sum), tokens, *(stats[k] for k in keys)])
-        record = {"loss": sums[0] / max(total, 1), "grad_norm": grad_norm, "tokens": sums[1]}
+        record = {"loss": sums[0] / max(total, 1), "lr": lr, "grad_norm": grad_norm, "tokens": sums[1]}
         record.update({k: v / max(total, 1) for k, v in zip(keys, sums[2:])})
         return record
 
@@ -362,7 +369,7 @@ class Finetuner:
             result.peak_mem_gib = peak_memory_gib(self.device)
             if self.writer is not None and (self.step % cfg.training.log_every == 0 or self.step == 1):
                 self.writer.log({
-                    "step": self.step, **record, "lr": self.scheduler.get_last_lr()[0],
+                    "step": self.step, **record,
                     "tokens_per_s": tokens / elapsed, "tokens_per_s_per_device": tokens / elapsed / self.world_size,
                     "tflops_per_device": flops / 1e12, "mfu": flops / peak_flops,
                     "peak_mem_gib": result.peak_mem_gib, "step_time_s": elapsed})
