@@ -139,13 +139,16 @@ class Tokenizer(_TiktokenBase):
     def __init__(self, model_path: str | Path | None = None):
         if model_path is None:
             name = "llama_models/llama3/tokenizer.model"
-            data = (importlib.resources.files("llama_models.llama3") / "tokenizer.model").read_bytes()
+            resource = importlib.resources.files("llama_models.llama3") / "tokenizer.model"
+            data = resource.read_bytes()
+            model_path = Path(str(resource))
         else:
             name = str(model_path)
             if not Path(model_path).is_file():
                 raise TokenizerError(f"{name}: tokenizer file not found")
             data = Path(model_path).read_bytes()
         ranks = load_tiktoken_ranks(data, name)
+        self.model_path = Path(model_path)  # checkpoint writers copy the file next to the weights
         self.special_tokens = {token: len(ranks) + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)}
         self.encoding = tiktoken.Encoding(
             Path(name).name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=self.special_tokens
@@ -224,6 +227,8 @@ class BPETokenizer(_TiktokenBase):
         """tokens[id] is the byte-level spelling of a vocabulary token, or the literal text of a special or added
         token (ids in `special` / `always_matched`); None marks an unused id."""
         literal = special | always_matched
+        self.tokens, self.merges, self.pattern = list(tokens), list(merges), pattern
+        self.special_ids, self.always_matched_ids = frozenset(special), frozenset(always_matched)
         id_of = {t: i for i, t in enumerate(tokens) if t is not None and i not in literal}
         self.token_bytes = [
             b"" if t is None else t.encode() if i in literal else _byte_level_bytes(t) for i, t in enumerate(tokens)
@@ -255,6 +260,27 @@ class BPETokenizer(_TiktokenBase):
     def decode(self, ids: Sequence[int]) -> str:
         # Byte-level tokens may end inside a UTF-8 character; "replace" keeps partial output readable.
         return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", errors="replace")
+
+    def to_tokenizer_json(self) -> tuple[dict, dict]:
+        """This tokenizer as Hugging Face files: the contents of tokenizer.json and tokenizer_config.json."""
+        literal = self.special_ids | self.always_matched_ids
+        vocab = {t: i for i, t in enumerate(self.tokens) if t is not None and i not in literal}
+        added = [{"id": i, "content": self.tokens[i], "special": i in self.special_ids, "single_word": False,
+                  "lstrip": False, "rstrip": False, "normalized": False} for i in sorted(literal)]
+        data = {
+            "version": "1.0", "added_tokens": added, "normalizer": None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            "model": {"type": "BPE", "vocab": vocab, "merges": [[a, b] for a, b in self.merges]},
+        }
+        def name(i):
+            return None if i is None else self.tokens[i]
+
+        config = {"bos_token": name(self.bos_id), "eos_token": name(self.eos_id), "pad_token": name(self.pad_id),
+                  "add_bos_token": self.add_bos, "chat_template": self.chat_template}
+        return data, config
 
     @classmethod
     def from_gguf(cls, source) -> BPETokenizer:
