@@ -201,6 +201,11 @@ class Finetuner:
         else:
             quant = cfg.quant.kind if cfg.method == "qlora" else None
             add_lora(model, cfg.lora, quant=quant, block_size=cfg.quant.block_size, device=self.device)
+            if quant is not None:
+                # Weights adopted from a memory-mapped checkpoint keep the file mapped, and every page the quantizer
+                # read stays resident: owning the few full-precision tensors left (embeddings, norms) lets it go.
+                for p in model.parameters():
+                    p.data = p.data.clone()
         model.to(self.device)
         model.train()
         return llm
