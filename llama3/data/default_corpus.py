@@ -1,0 +1,99 @@
+"""The built-in corpus: the docstrings of the Python standard library, one document per module.
+
+Every Python installation carries it, so `llama3 train` works with no data and no network. It is
+English prose about programming, about 1.5 M characters (about 350 k Llama 3 tokens): enough to watch
+a small model learn, not to train a useful one. It is built once per Python version and tokenizer into
+$LLAMA3_HOME/data (default ~/.cache/llama3/data).
+"""
+
+from __future__ import annotations
+
+import ast
+import fcntl
+import json
+import os
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+from llama3.data.prepare import PrepareConfig, prepare
+from llama3.data.quality import QualityConfig
+from llama3.data.shards import INDEX_FILE, write_atomic
+
+# Parts of the standard library that are tests, demos or vendored third-party code, not documentation.
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
+
+# Docstrings are short and full of code, so Gopher's web thresholds would drop most of them; keep the
+# checks that catch junk (near-empty modules, repetition) and loosen the rest.
+DEFAULT_CORPUS_QUALITY = QualityConfig(
+    min_words=20,
+    min_mean_word_length=2.0,
+    max_mean_word_length=12.0,
+    min_alpha_word_fraction=0.5,
+    max_symbol_word_ratio=None,
+    max_ellipsis_line_fraction=None,
+)
+
+
+def llama3_home() -> Path:
+    return Path(os.environ.get("LLAMA3_HOME") or Path.home() / ".cache" / "llama3").expanduser()
+
+
+def _tokenizer_tag(tokenizer) -> str:
+    if isinstance(tokenizer, (str, Path)):
+        return "llama3" if str(tokenizer) == "llama3" else Path(tokenizer).stem
+    return getattr(tokenizer, "name", None) or type(tokenizer).__name__
+
+
+def default_corpus_dir(tokenizer="llama3") -> Path:
+    """Where the built-in corpus for this Python version and tokenizer lives (built or not)."""
+    version = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return llama3_home() / "data" / f"stdlib-docs-{version}-{_tokenizer_tag(tokenizer)}"
+
+
+def stdlib_documents(stdlib: Path | None = None) -> Iterator[str]:
+    """One document per standard library module: its name as a heading, then the docstrings of the
+    module, its classes and functions, in source order."""
+    root = Path(stdlib or sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if _SKIP_DIRS.intersection(relative.parts[:-1]):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue  # a few stdlib files are deliberately broken (test fixtures) or not UTF-8
+        module = ".".join(relative.with_suffix("").parts).removesuffix(".__init__")
+        sections = []
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    title = module if isinstance(node, ast.Module) else node.name
+                    sections.append(f"{title}\n\n{doc}")
+        if sections:
+            yield f"# {module}\n\n" + "\n\n".join(sections) + "\n"
+
+
+def prepare_default_corpus(out_dir: str | Path | None = None, tokenizer="llama3", workers: int | None = None) -> Path:
+    """Build the built-in corpus into `out_dir` (default: default_corpus_dir(tokenizer)) unless it is
+    there already; returns the directory. Safe to call from several processes at once (the first
+    builds, the others wait for it)."""
+    out = Path(out_dir) if out_dir is not None else default_corpus_dir(tokenizer)
+    if (out / INDEX_FILE).exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / INDEX_FILE).exists():
+            # The source is written once and then kept, so an interrupted build resumes against the
+            # same input file.
+            source = out / "source" / "stdlib-docs.jsonl"
+            if not source.exists():
+                source.parent.mkdir(exist_ok=True)
+                lines = "".join(json.dumps({"text": doc}) + "\n" for doc in stdlib_documents())
+                write_atomic(source, lambda f: f.write(lines.encode("utf-8")))
+            config = PrepareConfig(quality=DEFAULT_CORPUS_QUALITY, shard_tokens=1 << 20)
+            prepare([source], out, tokenizer, config, workers=workers, progress=False)
+    return out
