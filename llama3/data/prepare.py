@@ -134,7 +134,7 @@ def _process_chunk(records: list[Record]) -> list[ProcessedDocument]:
     return [_worker_processor(record) for record in records]
 
 
-def _chunks(items: Iterator[tuple], max_docs: int = 256, max_chars: int = 1 << 20) -> Iterator[list[tuple]]:
+def _chunks(items: Iterator[tuple], max_docs: int = 64, max_chars: int = 1 << 17) -> Iterator[list[tuple]]:
     """Group (position, record) pairs into tasks big enough that inter-process traffic stays small."""
     chunk, chars = [], 0
     for item in items:
@@ -216,7 +216,7 @@ def _positioned_records(files: list[Path], options: InputOptions, start: tuple[i
 
 
 def _clear_outputs(out: Path) -> None:
-    remove_shards_from(out, 0)
+    """Forget a previous preparation in `out`; its shard files go with the cleanup every run starts with."""
     for name in (INDEX_FILE, STATS_FILE, PROGRESS_FILE):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)

@@ -195,6 +195,7 @@ def test_rerun_is_a_no_op_and_other_settings_need_overwrite(tmp_path, corpus, to
         prepare(corpus, out, tokenizer, other, workers=1, progress=False)
     stats = prepare(corpus, out, tokenizer, other, workers=1, progress=False, overwrite=True)
     assert stats.documents_kept == 55 and TokenShards(out).num_documents == 55  # one "short one" stays
+    assert sorted(p.name for p in out.glob("shard_*")) == ["shard_00000.bin", "shard_00000.docs.npy"]
 
 
 def _bad(tmp_path, name, content: bytes):

@@ -1,0 +1,45 @@
+import os
+import time
+
+from llama3.data import TokenLoader, TokenShards, default_corpus_dir, prepare_default_corpus
+from llama3.data.default_corpus import stdlib_documents
+
+
+def test_stdlib_documents_are_module_docstrings(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text('"""The package."""\n')
+    (tmp_path / "pkg" / "mod.py").write_text(
+        '"""Module doc."""\n\nclass Thing:\n    """Thing doc."""\n\n    def go(self):\n        """Go doc."""\n'
+    )
+    (tmp_path / "nodoc.py").write_text("x = 1\n")
+    (tmp_path / "broken.py").write_text("def (:\n")
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "test_x.py").write_text('"""Tests are not documentation."""\n')
+    docs = list(stdlib_documents(tmp_path))
+    assert docs == [
+        "# pkg\n\npkg\n\nThe package.\n",
+        "# pkg.mod\n\npkg.mod\n\nModule doc.\n\nThing\n\nThing doc.\n\ngo\n\nGo doc.\n",
+    ]
+
+
+def test_default_corpus_builds_once_under_llama3_home(tmp_path, monkeypatch, tokenizer):
+    monkeypatch.setenv("LLAMA3_HOME", str(tmp_path / "home"))
+    tag = "llama-models"
+    tokenizer.name = tag  # names the cache directory
+    try:
+        out = default_corpus_dir(tokenizer)
+        assert out.parent == tmp_path / "home" / "data" and out.name.endswith(tag)
+        assert prepare_default_corpus(tokenizer=tokenizer, workers=2) == out
+        index_time = os.stat(out / "index.json").st_mtime_ns
+        time.sleep(0.01)
+        assert prepare_default_corpus(tokenizer=tokenizer) == out  # already there: nothing is rebuilt
+        assert os.stat(out / "index.json").st_mtime_ns == index_time
+    finally:
+        del tokenizer.name
+
+    shards = TokenShards(out)
+    assert shards.num_documents > 100 and shards.num_tokens > 100_000
+    texts = {tokenizer.decode(shards.document(i)[1:-1].tolist()).split("\n", 1)[0] for i in range(shards.num_documents)}
+    assert "# json" in texts and "# argparse" in texts
+    inputs, targets = next(TokenLoader(out, batch_size=2, seq_len=256))
+    assert inputs.shape == (2, 256)
