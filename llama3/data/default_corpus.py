@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import fcntl
+import hashlib
 import json
 import os
 import sys
@@ -46,8 +47,12 @@ def llama3_home() -> Path:
 
 
 def _tokenizer_tag(tokenizer) -> str:
+    if isinstance(tokenizer, (str, Path)) and str(tokenizer) != "llama3":
+        # tokenizer files are often all called tokenizer.model: tell them apart by where they are
+        path = Path(tokenizer).resolve()
+        return f"{path.stem}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
     if isinstance(tokenizer, (str, Path)):
-        return "llama3" if str(tokenizer) == "llama3" else Path(tokenizer).stem
+        return "llama3"
     return getattr(tokenizer, "name", None) or type(tokenizer).__name__
 
 

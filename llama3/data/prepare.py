@@ -222,6 +222,30 @@ def _clear_outputs(out: Path) -> None:
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)
 
 
+def _load_progress(path: Path, fingerprint: dict, n_files: int) -> tuple[list[dict], tuple[int, int], PrepareStats]:
+    """(completed shard entries, position of the next document, stats so far) of an unfinished run,
+    or a fresh start."""
+    if not path.exists():
+        return [], (0, 0), PrepareStats(files=n_files)
+    saved = json.loads(path.read_text())
+    if saved["fingerprint"] != fingerprint:
+        raise DataError(f"{path.parent}: holds an unfinished preparation of other inputs or settings; choose another --out or pass --overwrite")
+    return saved["shards"], tuple(saved["next"]), PrepareStats(**saved["stats"])
+
+
+def _restore_dedup_state(state_dir: Path, n_shards: int, config: PrepareConfig) -> tuple[set[int], LSHIndex | None]:
+    """The exact-dedup hashes and the LSH index of the documents in the first `n_shards` shards,
+    added in their original order so that the index is the one the interrupted run had."""
+    seen_hashes: set[int] = set()
+    lsh = LSHIndex(config.near_dedup) if config.near_dedup else None
+    for number in range(n_shards):
+        hashes, signatures = load_shard_state(state_dir, number)
+        seen_hashes.update(hashes.tolist())
+        for signature in signatures if lsh else ():
+            lsh.add(signature)
+    return seen_hashes, lsh
+
+
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -256,25 +280,12 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     state_dir.mkdir(exist_ok=True)
     progress_path = out / PROGRESS_FILE
-    if progress_path.exists():
-        saved = json.loads(progress_path.read_text())
-        if saved["fingerprint"] != fingerprint:
-            raise DataError(f"{out}: holds an unfinished preparation of other inputs or settings; choose another --out or pass --overwrite")
-        shards, cursor, stats = saved["shards"], tuple(saved["next"]), PrepareStats(**saved["stats"])
-    else:
-        shards, cursor, stats = [], (0, 0), PrepareStats(files=len(files))
-
+    shards, cursor, stats = _load_progress(progress_path, fingerprint, len(files))
     # Forget shards that were being written when the last run stopped, and rebuild the dedup state
     # from the ones that are done.
     remove_shards_from(out, len(shards))
     remove_shards_from(state_dir, len(shards))
-    seen_hashes: set[int] = set()
-    lsh = LSHIndex(config.near_dedup) if config.near_dedup else None
-    for number in range(len(shards)):
-        hashes, signatures = load_shard_state(state_dir, number)
-        seen_hashes.update(hashes.tolist())
-        for signature in signatures if lsh else ():
-            lsh.add(signature)
+    seen_hashes, lsh = _restore_dedup_state(state_dir, len(shards), config)
 
     tok = load_tokenizer(tokenizer)
     writer = ShardWriter(out, state_dir, number=len(shards))

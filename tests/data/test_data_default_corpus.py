@@ -1,8 +1,10 @@
+import argparse
 import os
 import time
 
 from llama3.data import TokenLoader, TokenShards, default_corpus_dir, prepare_default_corpus
 from llama3.data.default_corpus import stdlib_documents
+from llama3.data.prepare import add_data_parser, cli_data
 
 
 def test_stdlib_documents_are_module_docstrings(tmp_path):
@@ -22,7 +24,15 @@ def test_stdlib_documents_are_module_docstrings(tmp_path):
     ]
 
 
-def test_default_corpus_builds_once_under_llama3_home(tmp_path, monkeypatch, tokenizer):
+def test_default_corpus_directory_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA3_HOME", str(tmp_path))
+    assert default_corpus_dir().name.endswith("-llama3") and default_corpus_dir().parent == tmp_path / "data"
+    assert default_corpus_dir("/a/tokenizer.model") != default_corpus_dir("/b/tokenizer.model")
+    monkeypatch.delenv("LLAMA3_HOME")
+    assert str(default_corpus_dir()).startswith(os.path.expanduser("~/.cache/llama3/data/"))
+
+
+def test_default_corpus_builds_once_under_llama3_home(tmp_path, monkeypatch, tokenizer, capsys):
     monkeypatch.setenv("LLAMA3_HOME", str(tmp_path / "home"))
     tag = "llama-models"
     tokenizer.name = tag  # names the cache directory
@@ -43,3 +53,8 @@ def test_default_corpus_builds_once_under_llama3_home(tmp_path, monkeypatch, tok
     assert "# json" in texts and "# argparse" in texts
     inputs, targets = next(TokenLoader(out, batch_size=2, seq_len=256))
     assert inputs.shape == (2, 256)
+
+    parser = argparse.ArgumentParser()
+    add_data_parser(parser.add_subparsers())
+    cli_data(parser.parse_args(["data", "default-corpus", "--out", str(out)]))  # built: only prints where
+    assert capsys.readouterr().out.strip() == str(out)
