@@ -152,8 +152,9 @@ def process_documents(
 ) -> Iterator[tuple[tuple[int, int], ProcessedDocument]]:
     """(position, processed document) for each (position, record), in input order.
 
-    With several workers, at most 2 tasks per worker are in flight: enough to keep them busy, and
-    memory stays bounded however large the input is (Pool.imap would read all of it ahead)."""
+    With several workers, at most 4 tasks per worker are in flight: enough to keep them all busy while
+    one slow task holds up the in-order output, and few enough that memory stays bounded however large
+    the input is (Pool.imap would read all of it ahead)."""
     if workers <= 1:
         processor = DocumentProcessor(tokenizer, config)
         for position, record in records:
@@ -164,7 +165,7 @@ def process_documents(
         for chunk in _chunks(records):
             positions = [position for position, _ in chunk]
             pending.append((positions, pool.apply_async(_process_chunk, ([record for _, record in chunk],))))
-            while len(pending) > 2 * workers:
+            while len(pending) > 4 * workers:
                 positions, result = pending.popleft()
                 yield from zip(positions, result.get())
         while pending:
