@@ -5,7 +5,7 @@ per module, as in the built-in corpus), written `--copies` times so the run last
 (later copies are exact duplicates: still parsed, filtered, hashed and tokenized, then dropped).
 Default quality filters and MinHash near-dedup are on, so every stage of the pipeline is measured.
 
-    python benchmarks/bench_data_prepare.py [--copies 4] [--repeats 3] [--tokenizer llama3|llama-models]
+    python benchmarks/bench_data_prepare.py [--copies 4] [--repeats 3] [--tokenizer llama3|PATH]
 
 (from the repository root, with the package installed: pip install -e .)
 
@@ -29,14 +29,6 @@ from pathlib import Path
 from llama3.data.default_corpus import stdlib_documents
 from llama3.data.minhash import MinHashConfig
 from llama3.data.prepare import PrepareConfig, load_tokenizer, prepare
-
-
-def tokenizer_from_name(name: str):
-    if name == "llama-models":  # Meta's reference implementation
-        from llama_models.llama3.tokenizer import Tokenizer
-
-        return Tokenizer.get_instance()
-    return load_tokenizer(name)
 
 
 def cpu_seconds() -> float:
@@ -69,10 +61,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--copies", type=int, default=4, help="times the corpus is written (more = longer run)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per worker count; the best counts")
-    parser.add_argument("--tokenizer", default="llama3", help="'llama3' or 'llama-models'")
+    parser.add_argument("--tokenizer", default="llama3", help="'llama3' or a tokenizer.model path")
     args = parser.parse_args()
 
-    tokenizer = tokenizer_from_name(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)
     modules = list(stdlib_documents())
     config = PrepareConfig(near_dedup=MinHashConfig())
     with tempfile.TemporaryDirectory() as tmp:

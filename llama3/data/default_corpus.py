@@ -12,12 +12,12 @@ import ast
 import fcntl
 import hashlib
 import json
-import os
 import sys
 import sysconfig
 from pathlib import Path
 from typing import Iterator
 
+from llama3 import hub
 from llama3.data.prepare import PrepareConfig, prepare
 from llama3.data.quality import QualityConfig
 from llama3.data.shards import INDEX_FILE, write_atomic
@@ -42,10 +42,6 @@ DEFAULT_CORPUS_QUALITY = QualityConfig(
 )
 
 
-def llama3_home() -> Path:
-    return Path(os.environ.get("LLAMA3_HOME") or Path.home() / ".cache" / "llama3").expanduser()
-
-
 def _tokenizer_tag(tokenizer) -> str:
     if isinstance(tokenizer, (str, Path)) and str(tokenizer) != "llama3":
         # tokenizer files are often all called tokenizer.model: tell them apart by where they are
@@ -59,7 +55,7 @@ def _tokenizer_tag(tokenizer) -> str:
 def default_corpus_dir(tokenizer="llama3") -> Path:
     """Where the built-in corpus for this Python version and tokenizer lives (built or not)."""
     version = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return llama3_home() / "data" / f"stdlib-docs-{version}-{_tokenizer_tag(tokenizer)}"
+    return hub.home() / "data" / f"stdlib-docs-{version}-{_tokenizer_tag(tokenizer)}"
 
 
 def stdlib_documents(stdlib: Path | None = None) -> Iterator[str]:

@@ -333,7 +333,12 @@ def prepare(
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "dtype": "uint32",
-        "tokenizer": {"name": _tokenizer_name(tokenizer), "bos_id": tok.bos_id, "eos_id": tok.eos_id},
+        "tokenizer": {
+            "name": _tokenizer_name(tokenizer),
+            "vocab_size": getattr(tok, "vocab_size", None),
+            "bos_id": tok.bos_id,
+            "eos_id": tok.eos_id,
+        },
         "total_tokens": stats.tokens,
         "total_documents": stats.documents_kept,
         "shards": shards,

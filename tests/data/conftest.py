@@ -1,34 +1,11 @@
-"""Fixtures for the data tests: a Llama 3 tokenizer and generated documents that pass the quality filters."""
+"""Fixtures for the data tests."""
 
-import numpy as np
 import pytest
-
-SYLLABLES = [c + v for c in "bcdfghklmnprstvwz" for v in "aeiou"]
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    """Meta's reference Llama 3 tokenizer (the one in the llama-models package): it has the interface
-    preparation needs, encode(text, bos=, eos=), bos_id and eos_id."""
-    from llama_models.llama3.tokenizer import Tokenizer
+    """The Llama 3 tokenizer: what `--tokenizer llama3` loads."""
+    from llama3.tokenizer import Tokenizer
 
-    return Tokenizer.get_instance()
-
-
-def make_document(seed: int, n_words: int = 80) -> str:
-    """Prose-like text of made-up words: passes every default quality filter, and two different
-    seeds share (almost) no 5-gram, so documents are neither exact nor near duplicates."""
-    rng = np.random.default_rng(seed)
-    words = ["".join(rng.choice(SYLLABLES, size=rng.integers(1, 4))) for _ in range(n_words)]
-    sentences, i = [], 0
-    while i < n_words:
-        n = int(rng.integers(6, 14))
-        sentence = " ".join(words[i : i + n])
-        sentences.append(sentence[0].upper() + sentence[1:] + ".")
-        i += n
-    return " ".join(sentences)
-
-
-@pytest.fixture
-def document():
-    return make_document
+    return Tokenizer()

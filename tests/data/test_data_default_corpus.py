@@ -34,18 +34,12 @@ def test_default_corpus_directory_names(tmp_path, monkeypatch):
 
 def test_default_corpus_builds_once_under_llama3_home(tmp_path, monkeypatch, tokenizer, capsys):
     monkeypatch.setenv("LLAMA3_HOME", str(tmp_path / "home"))
-    tag = "llama-models"
-    tokenizer.name = tag  # names the cache directory
-    try:
-        out = default_corpus_dir(tokenizer)
-        assert out.parent == tmp_path / "home" / "data" and out.name.endswith(tag)
-        assert prepare_default_corpus(tokenizer=tokenizer, workers=2) == out
-        index_time = os.stat(out / "index.json").st_mtime_ns
-        time.sleep(0.01)
-        assert prepare_default_corpus(tokenizer=tokenizer) == out  # already there: nothing is rebuilt
-        assert os.stat(out / "index.json").st_mtime_ns == index_time
-    finally:
-        del tokenizer.name
+    out = default_corpus_dir()
+    assert prepare_default_corpus(workers=2) == out
+    index_time = os.stat(out / "index.json").st_mtime_ns
+    time.sleep(0.01)
+    assert prepare_default_corpus() == out  # already there: nothing is rebuilt
+    assert os.stat(out / "index.json").st_mtime_ns == index_time
 
     shards = TokenShards(out)
     assert shards.num_documents > 100 and shards.num_tokens > 100_000

@@ -7,7 +7,7 @@ import torch
 from llama3.data import DataError, PrepareConfig, QualityConfig, TokenLoader, TokenShards
 from llama3.data.loader import validation_documents
 from llama3.data.prepare import prepare
-from conftest import make_document
+from synthetic_text import make_document
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import llama3.data.prepare as prepare_module
 import llama3.data.shards as shards_module
 from llama3.data import DataError, InputOptions, MinHashConfig, PrepareConfig, QualityConfig, TokenShards
 from llama3.data.prepare import add_data_parser, cli_data, prepare
-from conftest import make_document
+from synthetic_text import make_document
 
 NO_FILTERS = PrepareConfig(quality=QualityConfig.off())
 
@@ -255,8 +255,7 @@ def test_cli_prepare(tmp_path, corpus, tokenizer, monkeypatch, capsys):
 
 
 def test_the_llama3_tokenizer_by_name(tmp_path):
-    """With the package's own tokenizer, `--tokenizer llama3` gives Meta's ids."""
-    pytest.importorskip("llama3.tokenizer")
+    """`--tokenizer llama3` gives Meta's ids."""
     (tmp_path / "a.txt").write_text("This is a test sentence.")
     prepare([tmp_path / "a.txt"], tmp_path / "out", "llama3", NO_FILTERS, workers=1, progress=False)
     assert TokenShards(tmp_path / "out").document(0).tolist() == [128000, 2028, 374, 264, 1296, 11914, 13, 128001]
