@@ -396,7 +396,7 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     base = QualityConfig.off() if args.no_quality_filters else QualityConfig()
     return PrepareConfig(
         inputs=InputOptions(args.jsonl_field, args.parquet_column, args.split_blank_lines),
-        quality=base.replace(args.quality),
+        quality=base.with_overrides(args.quality),
         exact_dedup=not args.no_exact_dedup,
         near_dedup=MinHashConfig(threshold=args.near_dedup_threshold, seed=args.seed) if args.near_dedup else None,
         shard_tokens=args.shard_tokens,

@@ -47,7 +47,7 @@ class QualityConfig:
         """No heuristic filter at all (only empty documents and duplicates are dropped)."""
         return cls(**{f.name: None for f in dataclasses.fields(cls)})
 
-    def replace(self, overrides: list[str]) -> "QualityConfig":
+    def with_overrides(self, overrides: list[str]) -> "QualityConfig":
         """A copy with `name=value` overrides from the command line; "none" switches a filter off and
         n-gram thresholds are written `n:fraction,n:fraction`."""
         fields = {f.name: f for f in dataclasses.fields(self)}

@@ -83,8 +83,7 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
             raise DataError(f"{path}: no such file or directory")
     if not files:
         raise DataError(f"no input files found in {', '.join(str(i) for i in inputs)}")
-    unique = list(dict.fromkeys(p.resolve() for p in files))  # a file named twice is read once
-    return unique
+    return list(dict.fromkeys(p.resolve() for p in files))  # a file named twice is read once
 
 
 def _open_text(path: Path) -> io.TextIOBase:

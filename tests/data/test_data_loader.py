@@ -72,7 +72,7 @@ def test_ranks_see_disjoint_windows_that_cover_the_epoch(data_dir, world_size):
     for loader in loaders:
         assert loader.steps_per_epoch == steps
         windows = [loader.batch_windows(0, step) for step in range(steps)]
-        for step, batch_windows in enumerate(windows):
+        for batch_windows in windows:
             inputs, _ = next(loader)
             assert inputs[0, 0] == loader._read(int(batch_windows[0]) * 16, 1)[0]
         seen.append(set(np.concatenate(windows).tolist()))

@@ -56,16 +56,16 @@ def test_ordinary_prose_passes_every_filter(seed):
 
 
 def test_thresholds_are_configurable_and_switch_off():
-    config = QualityConfig().replace(["min_words=3", "max_duplicate_ngram_char_fraction=none"])
+    config = QualityConfig().with_overrides(["min_words=3", "max_duplicate_ngram_char_fraction=none"])
     assert config.min_words == 3 and config.max_duplicate_ngram_char_fraction is None
     assert quality_issue("Hello there, world.", config) is None
     assert quality_issue(crafted("duplicate_ngram"), config) is None
-    config = QualityConfig().replace(["max_top_ngram_char_fraction=2:0.9,3:0.9"])
+    config = QualityConfig().with_overrides(["max_top_ngram_char_fraction=2:0.9,3:0.9"])
     assert config.max_top_ngram_char_fraction == ((2, 0.9), (3, 0.9))
     with pytest.raises(ValueError, match="no_such_threshold"):
-        QualityConfig().replace(["no_such_threshold=1"])
+        QualityConfig().with_overrides(["no_such_threshold=1"])
     with pytest.raises(ValueError, match="min_words"):
-        QualityConfig().replace(["min_words=many"])
+        QualityConfig().with_overrides(["min_words=many"])
 
 
 def test_normalized_hash_ignores_case_spacing_and_unicode_form():
