@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import unicodedata
-from collections import Counter
 from dataclasses import dataclass
+
+import numpy as np
 
 BULLETS = ("-", "*", "•", "‣", "◦", "⁃", "●", "▪")
 ELLIPSES = ("...", "…")
+# A whitespace-delimited word made only of digits, underscores and non-word characters: no letter.
+# (One regex pass instead of a Python loop over characters; it differs from str.isalpha only on
+# non-decimal numerals such as "½", which it counts as letters.)
+_WORD_WITHOUT_LETTER = re.compile(r"(?<!\S)(?:[^\w\s]|[\d_])+(?!\S)")
 
 
 @dataclass(frozen=True)
@@ -100,8 +106,7 @@ def quality_issue(text: str, config: QualityConfig) -> str | None:
         return "too_many_words"
     if n_words == 0:
         return None  # nothing below is defined; only a min_words filter could reject this
-    word_chars = sum(map(len, words))
-    mean_length = word_chars / n_words
+    mean_length = sum(map(len, words)) / n_words
     if (c.min_mean_word_length is not None and mean_length < c.min_mean_word_length) or (
         c.max_mean_word_length is not None and mean_length > c.max_mean_word_length
     ):
@@ -119,7 +124,7 @@ def quality_issue(text: str, config: QualityConfig) -> str | None:
         if sum(line.endswith(ELLIPSES) for line in lines) / len(lines) > c.max_ellipsis_line_fraction:
             return "ellipsis_lines"
     if c.min_alpha_word_fraction is not None:
-        if sum(any(ch.isalpha() for ch in w) for w in words) / n_words < c.min_alpha_word_fraction:
+        if 1 - len(_WORD_WITHOUT_LETTER.findall(text)) / n_words < c.min_alpha_word_fraction:
             return "alpha_words"
     if c.max_duplicate_line_fraction is not None or c.max_duplicate_line_char_fraction is not None:
         repeated, repeated_chars = _repeats(lines)
@@ -128,12 +133,14 @@ def quality_issue(text: str, config: QualityConfig) -> str | None:
         total_chars = sum(map(len, lines))
         if c.max_duplicate_line_char_fraction is not None and repeated_chars / total_chars > c.max_duplicate_line_char_fraction:
             return "duplicate_line_chars"
-    for n, limit in c.max_top_ngram_char_fraction or ():
-        if top_ngram_char_fraction(words, n, word_chars) > limit:
-            return "top_ngram"
-    for n, limit in c.max_duplicate_ngram_char_fraction or ():
-        if duplicate_ngram_char_fraction(words, n, word_chars) > limit:
-            return "duplicate_ngram"
+    if c.max_top_ngram_char_fraction or c.max_duplicate_ngram_char_fraction:
+        ngrams = WordNGrams(words)
+        for n, limit in c.max_top_ngram_char_fraction or ():
+            if ngrams.top_char_fraction(n) > limit:
+                return "top_ngram"
+        for n, limit in c.max_duplicate_ngram_char_fraction or ():
+            if ngrams.duplicate_char_fraction(n) > limit:
+                return "duplicate_ngram"
     return None
 
 
@@ -150,28 +157,56 @@ def _repeats(items: list[str]) -> tuple[int, int]:
     return count, chars
 
 
-def top_ngram_char_fraction(words: list[str], n: int, word_chars: int) -> float:
-    """Share of the word characters taken by all occurrences of the most frequent word n-gram."""
-    if len(words) < n:
-        return 0.0
-    counts = Counter(zip(*(words[i:] for i in range(n))))
-    ngram, count = counts.most_common(1)[0]
-    if count == 1:
-        return 0.0
-    return count * sum(map(len, ngram)) / word_chars
+# Odd multiplier of the polynomial n-gram hash; n-grams are hashed, not compared word by word, so that
+# the counting runs in numpy (these two checks were most of the filtering time as Python loops).
+_NGRAM_BASE = np.uint64(0x9E3779B97F4A7C15)
 
 
-def duplicate_ngram_char_fraction(words: list[str], n: int, word_chars: int) -> float:
-    """Share of the word characters inside an n-gram that already occurred earlier in the document
-    (overlapping repeats count each word once), so a text written out twice scores 0.5."""
-    seen: set[tuple[str, ...]] = set()
-    covered = bytearray(len(words))
-    for i, ngram in enumerate(zip(*(words[i:] for i in range(n)))):
-        if ngram in seen:
-            covered[i : i + n] = b"\x01" * n
-        else:
-            seen.add(ngram)
-    return sum(len(w) for w, c in zip(words, covered) if c) / word_chars
+class WordNGrams:
+    """The word n-grams of one document, as one 64-bit value per n-gram start: equal n-grams get equal
+    values, and distinct ones (but for a 2^-64-rare hash collision) distinct values."""
+
+    def __init__(self, words: list[str]):
+        vocab: dict[str, int] = {}
+        self.ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), dtype=np.uint64, count=len(words))
+        self.lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        self.chars = int(self.lengths.sum())
+        self._length_sums = np.concatenate([[0], np.cumsum(self.lengths)])
+
+    def hashes(self, n: int) -> np.ndarray:
+        count = len(self.ids) - n + 1
+        h = np.zeros(max(count, 0), dtype=np.uint64)
+        for k in range(n):
+            h = h * _NGRAM_BASE + self.ids[k : k + count]  # uint64 arithmetic wraps around, as intended
+        return h
+
+    def window_chars(self, n: int) -> np.ndarray:
+        """Characters in the n-gram starting at each word."""
+        return self._length_sums[n:] - self._length_sums[:-n]
+
+    def top_char_fraction(self, n: int) -> float:
+        """Share of the word characters taken by all occurrences of the most frequent n-gram (of the
+        longest, when several are most frequent)."""
+        if len(self.ids) < n:
+            return 0.0
+        _, first, counts = np.unique(self.hashes(n), return_index=True, return_counts=True)
+        best = counts.max()
+        if best == 1:
+            return 0.0
+        return float(best * self.window_chars(n)[first[counts == best]].max() / self.chars)
+
+    def duplicate_char_fraction(self, n: int) -> float:
+        """Share of the word characters inside an n-gram that already occurred earlier in the document
+        (overlapping repeats count each word once), so a text written out twice scores 0.5."""
+        if len(self.ids) < n:
+            return 0.0
+        _, first, inverse = np.unique(self.hashes(n), return_index=True, return_inverse=True)
+        repeats = np.flatnonzero(first[inverse] != np.arange(len(inverse)))  # starts of later occurrences
+        # Words [i, i + n) of each repeat are covered: +1 at i, -1 at i + n, covered where the running sum > 0.
+        size = len(self.ids) + 1
+        starts_minus_ends = np.bincount(repeats, minlength=size) - np.bincount(repeats + n, minlength=size)
+        covered = np.cumsum(starts_minus_ends[:-1]) > 0
+        return float(self.lengths[covered].sum() / self.chars)
 
 
 def normalize_text(text: str) -> str:

@@ -1,8 +1,10 @@
+from collections import Counter
+
 import numpy as np
 import pytest
 
 from llama3.data.minhash import LSHIndex, MinHashConfig, MinHasher, estimated_jaccard
-from llama3.data.quality import FILTER_NAMES, QualityConfig, document_hash, normalize_text, quality_issue
+from llama3.data.quality import FILTER_NAMES, QualityConfig, WordNGrams, document_hash, normalize_text, quality_issue
 from synthetic_text import make_document
 
 
@@ -53,6 +55,45 @@ def test_each_filter_rejects_its_crafted_document(name):
 @pytest.mark.parametrize("seed", range(5))
 def test_ordinary_prose_passes_every_filter(seed):
     assert quality_issue(make_document(seed, 300), QualityConfig()) is None
+
+
+def _reference_top(words, n):
+    grams = Counter(zip(*(words[i:] for i in range(n))))
+    best = max(grams.values(), default=1)
+    if best == 1:
+        return 0.0
+    return best * max(sum(map(len, g)) for g, c in grams.items() if c == best) / sum(map(len, words))
+
+
+def _reference_duplicate(words, n):
+    seen, covered = set(), [False] * len(words)
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i : i + n])
+        if gram in seen:
+            covered[i : i + n] = [True] * n
+        seen.add(gram)
+    return sum(len(w) for w, c in zip(words, covered) if c) / sum(map(len, words))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_ngram_fractions_match_their_definition(seed):
+    rng = np.random.default_rng(seed)
+    vocab = _words(seed, 12)  # a small vocabulary, so n-grams repeat, overlap and tie
+    words = list(rng.choice(vocab, size=int(rng.integers(1, 120))))
+    ngrams = WordNGrams(words)
+    for n in range(2, 11):
+        assert ngrams.top_char_fraction(n) == pytest.approx(_reference_top(words, n))
+        assert ngrams.duplicate_char_fraction(n) == pytest.approx(_reference_duplicate(words, n))
+
+
+def test_alpha_word_fraction_counts_words_with_a_letter():
+    words = ["abc123", "123", "__", "---", "é", "(x)", "42%", "ñ_1", "Ω", "v2.0", "3.14", "…"] * 6
+    with_letter = sum(any(ch.isalpha() for ch in w) for w in words) / len(words)
+    config = QualityConfig.off()
+    just_below = config.with_overrides([f"min_alpha_word_fraction={with_letter - 1e-9}"])
+    just_above = config.with_overrides([f"min_alpha_word_fraction={with_letter + 1e-9}"])
+    assert quality_issue(" ".join(words), just_below) is None
+    assert quality_issue(" ".join(words), just_above) == "alpha_words"
 
 
 def test_thresholds_are_configurable_and_switch_off():
