@@ -2,6 +2,7 @@ import argparse
 import os
 import time
 
+from data_testkit import TOKENIZER
 from llama3.data import TokenLoader, TokenShards, default_corpus_dir, prepare_default_corpus
 from llama3.data.default_corpus import stdlib_documents
 from llama3.data.prepare import add_data_parser, cli_data
@@ -32,7 +33,7 @@ def test_default_corpus_directory_names(tmp_path, monkeypatch):
     assert str(default_corpus_dir()).startswith(os.path.expanduser("~/.cache/llama3/data/"))
 
 
-def test_default_corpus_builds_once_under_llama3_home(tmp_path, monkeypatch, tokenizer, capsys):
+def test_default_corpus_builds_once_under_llama3_home(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LLAMA3_HOME", str(tmp_path / "home"))
     out = default_corpus_dir()
     assert prepare_default_corpus(workers=2) == out
@@ -43,7 +44,7 @@ def test_default_corpus_builds_once_under_llama3_home(tmp_path, monkeypatch, tok
 
     shards = TokenShards(out)
     assert shards.num_documents > 100 and shards.num_tokens > 100_000
-    texts = {tokenizer.decode(shards.document(i)[1:-1].tolist()).split("\n", 1)[0] for i in range(shards.num_documents)}
+    texts = {TOKENIZER.decode(shards.document(i)[1:-1].tolist()).split("\n", 1)[0] for i in range(shards.num_documents)}
     assert "# json" in texts and "# argparse" in texts
     inputs, targets = next(TokenLoader(out, batch_size=2, seq_len=256))
     assert inputs.shape == (2, 256)

@@ -7,17 +7,17 @@ import torch
 from llama3.data import DataError, PrepareConfig, QualityConfig, TokenLoader, TokenShards
 from llama3.data.loader import validation_documents
 from llama3.data.prepare import prepare
-from synthetic_text import make_document
+from data_testkit import TOKENIZER, make_document
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, tokenizer):
+def data_dir(tmp_path_factory):
     """40 documents of varied length over several shards (about 5k tokens)."""
     root = tmp_path_factory.mktemp("loader")
     lines = "".join(json.dumps({"text": make_document(seed, 10 + 7 * seed % 60)}) + "\n" for seed in range(40))
     (root / "docs.jsonl").write_text(lines)
     config = PrepareConfig(quality=QualityConfig.off(), shard_tokens=1000)
-    prepare([root / "docs.jsonl"], root / "out", tokenizer, config, workers=1, progress=False)
+    prepare([root / "docs.jsonl"], root / "out", TOKENIZER, config, workers=1, progress=False)
     return root / "out"
 
 
@@ -83,13 +83,13 @@ def test_ranks_see_disjoint_windows_that_cover_the_epoch(data_dir, world_size):
     assert not np.array_equal(loaders[0].batch_windows(1, 0), loaders[0].batch_windows(0, 0))
 
 
-def test_positions_restart_at_every_document(data_dir, tokenizer):
+def test_positions_restart_at_every_document(data_dir):
     loader = TokenLoader(data_dir, 4, 128, val_fraction=0.0, return_positions=True)
     starts = 0
     for _ in range(5):
         inputs, _, positions = next(loader)
         assert positions.shape == inputs.shape and positions.dtype == torch.long
-        is_bos = inputs == tokenizer.bos_id
+        is_bos = inputs == TOKENIZER.bos_id
         assert torch.equal(positions == 0, is_bos)
         # Inside a document positions count up by one.
         assert torch.equal((positions[:, 1:] - positions[:, :-1])[~is_bos[:, 1:]], torch.ones(int((~is_bos[:, 1:]).sum()), dtype=torch.long))

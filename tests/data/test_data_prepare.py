@@ -11,19 +11,19 @@ import llama3.data.prepare as prepare_module
 import llama3.data.shards as shards_module
 from llama3.data import DataError, InputOptions, MinHashConfig, PrepareConfig, QualityConfig, TokenShards
 from llama3.data.prepare import add_data_parser, cli_data, prepare
-from synthetic_text import make_document
+from data_testkit import TOKENIZER, make_document
 
 NO_FILTERS = PrepareConfig(quality=QualityConfig.off())
 
 
-def decoded_documents(tokenizer, out_dir) -> list[str]:
+def decoded_documents(out_dir) -> list[str]:
     """Every document of a prepared directory, checked for its bos/eos frame and decoded."""
     shards = TokenShards(out_dir)
     texts = []
     for i in range(shards.num_documents):
         tokens = shards.document(i).tolist()
-        assert tokens[0] == tokenizer.bos_id and tokens[-1] == tokenizer.eos_id
-        texts.append(tokenizer.decode(tokens[1:-1]))
+        assert tokens[0] == TOKENIZER.bos_id and tokens[-1] == TOKENIZER.eos_id
+        texts.append(TOKENIZER.decode(tokens[1:-1]))
     return texts
 
 
@@ -36,7 +36,7 @@ def write_jsonl(path: Path, texts, field="text") -> Path:
     return path
 
 
-def test_text_jsonl_parquet_and_gzip_inputs_decode_back_exactly(tmp_path, tokenizer):
+def test_text_jsonl_parquet_and_gzip_inputs_decode_back_exactly(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
@@ -58,26 +58,26 @@ def test_text_jsonl_parquet_and_gzip_inputs_decode_back_exactly(tmp_path, tokeni
     (src / ".hidden.txt").write_text("hidden files are skipped")
 
     options = InputOptions(jsonl_field="content", parquet_column="body")
-    stats = prepare([src], tmp_path / "out", tokenizer, PrepareConfig(inputs=options, quality=QualityConfig.off()), workers=1, progress=False)
+    stats = prepare([src], tmp_path / "out", TOKENIZER, PrepareConfig(inputs=options, quality=QualityConfig.off()), workers=1, progress=False)
 
     # Directory order is sorted by path: a.txt, e.jsonl.gz, nested/b.md, nested/c.jsonl, nested/deeper/d.parquet
     expected = [tricky[0], "Compressed JSONL works too.", tricky[1], tricky[2], tricky[3]]
-    assert decoded_documents(tokenizer, tmp_path / "out") == expected
+    assert decoded_documents(tmp_path / "out") == expected
     assert stats.files == 5 and stats.documents_kept == 5
     index = json.loads((tmp_path / "out" / "index.json").read_text())
-    assert index["total_tokens"] == stats.tokens == sum(len(tokenizer.encode(t, bos=True, eos=True)) for t in expected)
-    assert index["dtype"] == "uint32" and index["tokenizer"]["bos_id"] == tokenizer.bos_id
+    assert index["total_tokens"] == stats.tokens == sum(len(TOKENIZER.encode(t, bos=True, eos=True)) for t in expected)
+    assert index["dtype"] == "uint32" and index["tokenizer"]["bos_id"] == TOKENIZER.bos_id
     assert not (tmp_path / "out" / "progress.json").exists() and not (tmp_path / "out" / "state").exists()
 
 
-def test_blank_line_separated_documents(tmp_path, tokenizer):
+def test_blank_line_separated_documents(tmp_path):
     (tmp_path / "docs.txt").write_text("First doc,\nstill first.\n\n\nSecond doc.\n \t\nThird doc.\n\n")
     config = PrepareConfig(inputs=InputOptions(split_blank_lines=True), quality=QualityConfig.off())
-    prepare([tmp_path / "docs.txt"], tmp_path / "out", tokenizer, config, workers=1, progress=False)
-    assert decoded_documents(tokenizer, tmp_path / "out") == ["First doc,\nstill first.", "Second doc.", "Third doc."]
+    prepare([tmp_path / "docs.txt"], tmp_path / "out", TOKENIZER, config, workers=1, progress=False)
+    assert decoded_documents(tmp_path / "out") == ["First doc,\nstill first.", "Second doc.", "Third doc."]
 
 
-def test_dedup_and_filters_are_counted(tmp_path, tokenizer):
+def test_dedup_and_filters_are_counted(tmp_path):
     good = [make_document(seed) for seed in range(10)]
     near = good[2].replace(".", "!", 1)  # changes 5 of 76 shingles: Jaccard about 0.88
     texts = good + [
@@ -90,8 +90,8 @@ def test_dedup_and_filters_are_counted(tmp_path, tokenizer):
     ]
     write_jsonl(tmp_path / "in.jsonl", texts)
     config = PrepareConfig(near_dedup=MinHashConfig())
-    stats = prepare([tmp_path / "in.jsonl"], tmp_path / "out", tokenizer, config, workers=1, progress=False)
-    assert decoded_documents(tokenizer, tmp_path / "out") == good
+    stats = prepare([tmp_path / "in.jsonl"], tmp_path / "out", TOKENIZER, config, workers=1, progress=False)
+    assert decoded_documents(tmp_path / "out") == good
     assert stats.documents_read == len(texts) and stats.documents_kept == len(good)
     dropped = {k: v for k, v in stats.dropped.items() if v}
     assert dropped == {"exact_duplicate": 2, "near_duplicate": 1, "too_few_words": 1, "empty": 1, "duplicate_ngram": 1}
@@ -99,7 +99,7 @@ def test_dedup_and_filters_are_counted(tmp_path, tokenizer):
 
     # Without near dedup the near copy is kept; without exact dedup the copies are too.
     config = PrepareConfig(exact_dedup=False)
-    stats = prepare([tmp_path / "in.jsonl"], tmp_path / "out2", tokenizer, config, workers=1, progress=False)
+    stats = prepare([tmp_path / "in.jsonl"], tmp_path / "out2", TOKENIZER, config, workers=1, progress=False)
     assert stats.documents_kept == len(good) + 3 and stats.dropped["exact_duplicate"] == 0
 
 
@@ -119,8 +119,8 @@ def corpus(tmp_path):
 SMALL_SHARDS = PrepareConfig(quality=QualityConfig(min_words=10), near_dedup=MinHashConfig(), shard_tokens=700)
 
 
-def test_shards_hold_whole_documents_and_workers_do_not_change_output(tmp_path, corpus, tokenizer):
-    stats = prepare(corpus, tmp_path / "one", tokenizer, SMALL_SHARDS, workers=1, progress=False)
+def test_shards_hold_whole_documents_and_workers_do_not_change_output(tmp_path, corpus):
+    stats = prepare(corpus, tmp_path / "one", TOKENIZER, SMALL_SHARDS, workers=1, progress=False)
     index = json.loads((tmp_path / "one" / "index.json").read_text())
     assert stats.shards == len(index["shards"]) > 3
     for entry in index["shards"]:
@@ -129,7 +129,7 @@ def test_shards_hold_whole_documents_and_workers_do_not_change_output(tmp_path, 
         assert boundaries[0] == 0 and boundaries[-1] == entry["tokens"] and len(boundaries) == entry["documents"] + 1
     assert stats.documents_kept == 54 and stats.dropped["exact_duplicate"] == 5 and stats.dropped["too_few_words"] == 5
 
-    prepare(corpus, tmp_path / "two", tokenizer, SMALL_SHARDS, workers=2, progress=False)
+    prepare(corpus, tmp_path / "two", TOKENIZER, SMALL_SHARDS, workers=2, progress=False)
     assert directory_bytes(tmp_path / "one") == directory_bytes(tmp_path / "two")
 
 
@@ -137,8 +137,8 @@ class SimulatedCrash(Exception):
     pass
 
 
-def test_resume_after_crash_in_the_middle_of_a_shard(tmp_path, corpus, tokenizer, monkeypatch):
-    prepare(corpus, tmp_path / "whole", tokenizer, SMALL_SHARDS, workers=1, progress=False)
+def test_resume_after_crash_in_the_middle_of_a_shard(tmp_path, corpus, monkeypatch):
+    prepare(corpus, tmp_path / "whole", TOKENIZER, SMALL_SHARDS, workers=1, progress=False)
 
     real_add = shards_module.ShardWriter.add
     calls = {"n": 0}
@@ -151,18 +151,18 @@ def test_resume_after_crash_in_the_middle_of_a_shard(tmp_path, corpus, tokenizer
 
     monkeypatch.setattr(shards_module.ShardWriter, "add", add_then_crash)
     with pytest.raises(SimulatedCrash):
-        prepare(corpus, tmp_path / "resumed", tokenizer, SMALL_SHARDS, workers=1, progress=False)
+        prepare(corpus, tmp_path / "resumed", TOKENIZER, SMALL_SHARDS, workers=1, progress=False)
     monkeypatch.undo()
     progress = json.loads((tmp_path / "resumed" / "progress.json").read_text())
     assert 0 < len(progress["shards"]) < len(json.loads((tmp_path / "whole" / "index.json").read_text())["shards"])
     assert any(p.name.endswith(".tmp") for p in (tmp_path / "resumed").iterdir())  # the half shard
 
-    prepare(corpus, tmp_path / "resumed", tokenizer, SMALL_SHARDS, workers=2, progress=False)
+    prepare(corpus, tmp_path / "resumed", TOKENIZER, SMALL_SHARDS, workers=2, progress=False)
     assert directory_bytes(tmp_path / "resumed") == directory_bytes(tmp_path / "whole")
 
 
-def test_resume_when_a_shard_was_renamed_but_not_recorded(tmp_path, corpus, tokenizer, monkeypatch):
-    prepare(corpus, tmp_path / "whole", tokenizer, SMALL_SHARDS, workers=1, progress=False)
+def test_resume_when_a_shard_was_renamed_but_not_recorded(tmp_path, corpus, monkeypatch):
+    prepare(corpus, tmp_path / "whole", TOKENIZER, SMALL_SHARDS, workers=1, progress=False)
 
     real_write = prepare_module.write_json_atomic
     writes = {"n": 0}
@@ -176,25 +176,25 @@ def test_resume_when_a_shard_was_renamed_but_not_recorded(tmp_path, corpus, toke
 
     monkeypatch.setattr(prepare_module, "write_json_atomic", crash_on_second_progress)
     with pytest.raises(SimulatedCrash):
-        prepare(corpus, tmp_path / "resumed", tokenizer, SMALL_SHARDS, workers=1, progress=False)
+        prepare(corpus, tmp_path / "resumed", TOKENIZER, SMALL_SHARDS, workers=1, progress=False)
     monkeypatch.undo()
     assert (tmp_path / "resumed" / "shard_00001.bin").exists()  # complete on disk, but not counted
     assert len(json.loads((tmp_path / "resumed" / "progress.json").read_text())["shards"]) == 1
 
-    prepare(corpus, tmp_path / "resumed", tokenizer, SMALL_SHARDS, workers=1, progress=False)
+    prepare(corpus, tmp_path / "resumed", TOKENIZER, SMALL_SHARDS, workers=1, progress=False)
     assert directory_bytes(tmp_path / "resumed") == directory_bytes(tmp_path / "whole")
 
 
-def test_rerun_is_a_no_op_and_other_settings_need_overwrite(tmp_path, corpus, tokenizer):
+def test_rerun_is_a_no_op_and_other_settings_need_overwrite(tmp_path, corpus):
     out = tmp_path / "out"
-    first = prepare(corpus, out, tokenizer, SMALL_SHARDS, workers=1, progress=False)
+    first = prepare(corpus, out, TOKENIZER, SMALL_SHARDS, workers=1, progress=False)
     before = directory_bytes(out)
-    assert prepare(corpus, out, tokenizer, SMALL_SHARDS, workers=1, progress=False) == first
+    assert prepare(corpus, out, TOKENIZER, SMALL_SHARDS, workers=1, progress=False) == first
     assert directory_bytes(out) == before
     other = PrepareConfig(quality=QualityConfig.off())
     with pytest.raises(DataError, match="other inputs or settings"):
-        prepare(corpus, out, tokenizer, other, workers=1, progress=False)
-    stats = prepare(corpus, out, tokenizer, other, workers=1, progress=False, overwrite=True)
+        prepare(corpus, out, TOKENIZER, other, workers=1, progress=False)
+    stats = prepare(corpus, out, TOKENIZER, other, workers=1, progress=False, overwrite=True)
     assert stats.documents_kept == 55 and TokenShards(out).num_documents == 55  # one "short one" stays
     assert sorted(p.name for p in out.glob("shard_*")) == ["shard_00000.bin", "shard_00000.docs.npy"]
 
@@ -215,29 +215,28 @@ def _bad(tmp_path, name, content: bytes):
         ("fake.parquet", b"not parquet at all", r"fake\.parquet: not a readable Parquet file"),
     ],
 )
-def test_bad_input_gets_one_clear_error(tmp_path, tokenizer, name, content, message):
+def test_bad_input_gets_one_clear_error(tmp_path, name, content, message):
     path = _bad(tmp_path, name, content)
     for workers in (1, 2):
         with pytest.raises(DataError, match=message):
-            prepare([path], tmp_path / f"out{workers}", tokenizer, NO_FILTERS, workers=workers, progress=False)
+            prepare([path], tmp_path / f"out{workers}", TOKENIZER, NO_FILTERS, workers=workers, progress=False)
 
 
-def test_missing_inputs_and_parquet_column(tmp_path, tokenizer):
+def test_missing_inputs_and_parquet_column(tmp_path):
     with pytest.raises(DataError, match="nowhere.txt: no such file"):
-        prepare([tmp_path / "nowhere.txt"], tmp_path / "out", tokenizer, workers=1, progress=False)
+        prepare([tmp_path / "nowhere.txt"], tmp_path / "out", TOKENIZER, workers=1, progress=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no input files"):
-        prepare([tmp_path / "empty"], tmp_path / "out", tokenizer, workers=1, progress=False)
+        prepare([tmp_path / "empty"], tmp_path / "out", TOKENIZER, workers=1, progress=False)
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "t.parquet")
     with pytest.raises(DataError, match=r"t\.parquet: no column 'text' \(columns: body\)"):
-        prepare([tmp_path / "t.parquet"], tmp_path / "out", tokenizer, workers=1, progress=False)
+        prepare([tmp_path / "t.parquet"], tmp_path / "out", TOKENIZER, workers=1, progress=False)
 
 
-def test_cli_prepare(tmp_path, corpus, tokenizer, monkeypatch, capsys):
-    monkeypatch.setattr(prepare_module, "load_tokenizer", lambda spec: tokenizer)
+def test_cli_prepare(tmp_path, corpus, monkeypatch, capsys):
     parser = argparse.ArgumentParser(prog="llama3")
     add_data_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "out"
@@ -248,7 +247,7 @@ def test_cli_prepare(tmp_path, corpus, tokenizer, monkeypatch, capsys):
     cli_data(args)
     printed = capsys.readouterr().out
     assert re.search(r"documents kept +54 ", printed) and "exact_duplicate" in printed
-    prepare(corpus, tmp_path / "api", tokenizer, SMALL_SHARDS, workers=1, progress=False)
+    prepare(corpus, tmp_path / "api", TOKENIZER, SMALL_SHARDS, workers=1, progress=False)
     index = lambda d: {k: v for k, v in json.loads((d / "index.json").read_text()).items() if k != "fingerprint"}
     assert index(out)["shards"] == index(tmp_path / "api")["shards"]
     with pytest.raises(SystemExit):
@@ -262,9 +261,9 @@ def test_the_llama3_tokenizer_by_name(tmp_path):
     assert TokenShards(tmp_path / "out").document(0).tolist() == [128000, 2028, 374, 264, 1296, 11914, 13, 128001]
 
 
-def test_everything_dropped_still_gives_a_valid_empty_directory(tmp_path, tokenizer):
+def test_everything_dropped_still_gives_a_valid_empty_directory(tmp_path):
     write_jsonl(tmp_path / "in.jsonl", ["too short", "", "also too short"])
-    stats = prepare([tmp_path / "in.jsonl"], tmp_path / "out", tokenizer, workers=1, progress=False)
+    stats = prepare([tmp_path / "in.jsonl"], tmp_path / "out", TOKENIZER, workers=1, progress=False)
     assert stats.documents_read == 3 and stats.documents_kept == 0 and stats.shards == 0
     assert stats.dropped["too_few_words"] == 2 and stats.dropped["empty"] == 1
     shards = TokenShards(tmp_path / "out")

@@ -5,7 +5,7 @@ import pytest
 
 from llama3.data.minhash import LSHIndex, MinHashConfig, MinHasher, estimated_jaccard
 from llama3.data.quality import FILTER_NAMES, QualityConfig, WordNGrams, document_hash, normalize_text, quality_issue
-from synthetic_text import make_document
+from data_testkit import make_document
 
 
 def _words(seed, n):

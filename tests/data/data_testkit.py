@@ -1,6 +1,14 @@
-"""Generated text for the data tests."""
+"""Shared by the data tests: the tokenizer and generated documents.
+
+(A module, not a conftest.py: a second conftest module would shadow the one in tests/ that other test
+files import from.)
+"""
 
 import numpy as np
+
+from llama3.tokenizer import Tokenizer
+
+TOKENIZER = Tokenizer()  # the Llama 3 tokenizer: what `--tokenizer llama3` loads
 
 SYLLABLES = [c + v for c in "bcdfghklmnprstvwz" for v in "aeiou"]
 
