@@ -11,6 +11,7 @@ import typing
 from pathlib import Path
 from typing import Literal
 
+from .finetune import finetune
 from .hub import DEFAULT_MODEL
 
 
@@ -135,7 +136,7 @@ def convert(src: str, dst: str, *, to: Literal["hf", "meta"], shards: int = 1, d
     print(dst)
 
 
-VERBS = [generate, chat, pull, models, convert]
+VERBS = [generate, chat, pull, models, convert, finetune]
 
 
 # ---- parser generation -------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import argparse
 import sys
 import typing
 
-from .trainer import finetune
+from . import finetune
 
 
 def main(argv: list[str] | None = None) -> int:

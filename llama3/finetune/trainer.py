@@ -461,26 +461,7 @@ def merge_adapter(base: str, adapter: str | Path, dst: str | Path, *, to: str = 
     return Path(dst)
 
 
-def finetune(overrides: list[str] | None = None, *, model: str | None = None, data: str | None = None,
-             method: Method | None = None, dpo: bool = False, config: str | None = None, out: str | None = None
-             ) -> FinetuneResult:
-    """Fine-tune a model on chat data (SFT) or preference pairs (DPO), fully or with LoRA / QLoRA adapters.
-    With no arguments: LoRA on the bundled pirate chats, which the default model learns in minutes on a CPU.
-
-    Args:
-        model: known model name, .gguf file, or Meta / Hugging Face checkpoint directory (default: the default model)
-        data: JSONL file (OpenAI messages, ShareGPT, Alpaca, prompt/completion; prompt/chosen/rejected for DPO) or a bundled sample: pirate, pirate_preferences
-        method: full, lora or qlora (4-bit frozen base); default lora
-        dpo: train on preference pairs with DPO (needs lora or qlora)
-        config: TOML, JSON or YAML file with the fine-tuning configuration
-        out: run directory (metrics, checkpoints, the adapter or model)
-        overrides: section.key=value settings, e.g. training.steps=200 lora.rank=8 data.packing=true dpo.beta=0.2
-    """
-    settings = {"model": model, "method": method, "run.dir": out, "dpo.enabled": dpo or None,
-                "data.path": data or ("pirate_preferences" if dpo else None)}
-    cfg = load_finetune_config(config, overrides, **settings)
-    if not cfg.data.path:
-        cfg.data.path = "pirate_preferences" if cfg.dpo.enabled else "pirate"
+def run(cfg: FinetuneConfig) -> FinetuneResult:
     tuner = Finetuner(cfg)
     try:
         return tuner.fit()
