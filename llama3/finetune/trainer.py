@@ -158,6 +158,8 @@ class Finetuner:
 
         parallelize(self.model, self.mesh, cfg, param_dtype=self.dtype)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        # Adapters are all matrices, which leaves the no-decay group empty; DCP cannot restore an empty group.
+        self.optimizer.param_groups = [g for g in self.optimizer.param_groups if g["params"]]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, cfg.optim, cfg.training.steps))
         self.step = 0
@@ -199,6 +201,7 @@ class Finetuner:
         if cfg.method == "full":
             model.requires_grad_(True)
         else:
+            torch.manual_seed(cfg.run.seed)  # the adapters' random init: the same on every rank and every run
             quant = cfg.quant.kind if cfg.method == "qlora" else None
             add_lora(model, cfg.lora, quant=quant, block_size=cfg.quant.block_size, device=self.device)
             if quant is not None:
@@ -322,8 +325,9 @@ class Finetuner:
         was_training = self.model.training
         self.model.eval()
         loss_sum, total, stats = 0.0, 0, {}
-        batches = fixed_batches(self.val_rows, self.layout.micro_batch_size, rank=self.dp_rank,
-                                world_size=self.layout.dp)
+        # Batches of the global batch size, whatever the micro batch, so every layout scores the same rows.
+        per_rank = self.layout.micro_batch_size * self.layout.grad_accum
+        batches = fixed_batches(self.val_rows, per_rank, rank=self.dp_rank, world_size=self.layout.dp)
         for _, (rows, real) in zip(range(self.cfg.eval.steps), batches):
             loss, n, extra = self.loss_of(rows)
             if not real:  # this rank ran out of rows and only keeps in step with the others
