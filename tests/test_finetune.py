@@ -2,6 +2,7 @@
 chat template, exports that load back, packing, memory, the configuration; then the default model end to end."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -193,3 +194,12 @@ def test_default_model_learns_the_pirate_persona(default_gguf_path, tmp_path):
     assert after < before / 2
     replies = [res.llm.chat([{"role": "user", "content": q}], max_new_tokens=6) for q in HELD_OUT]
     assert all(r.startswith("Ahoy, matey!") for r in replies), replies
+
+
+@pytest.mark.slow
+def test_full_finetune_of_a_gguf_model(default_gguf_path, tmp_path):
+    """GGUF weights are read-only memory maps: full fine-tuning must train its own copies (this crashed once)."""
+    res = finetune(["training.steps=2", "training.batch_size=2", "optim.lr=1e-5", "eval.every=-1",
+                    "checkpoint.export=false", "metrics.peak_tflops=1", "metrics.tensorboard=false",
+                    "metrics.plot=false"], model=str(default_gguf_path), method="full", out=str(tmp_path / "run"))
+    assert len(res.losses) == 2 and all(math.isfinite(loss) for loss in res.losses)

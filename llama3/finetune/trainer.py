@@ -121,8 +121,15 @@ class FinetuneResult:
     llm: Llama  # the fine-tuned model in memory (rank 0 of a single process; adapters not merged)
     losses: list[float] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
-    peak_mem_gib: float = 0.0
+    peak_mem_gib: float = 0.0  # during training: model, activations, gradients, optimizer
+    model_gib: float = 0.0  # the model's own tensors
+    tokens_per_s: float = 0.0  # over the steps after the first (which pays for warm-up)
     output: Path | None = None  # the adapter directory, or the model directory of a full fine-tune
+
+    def summary(self) -> dict:
+        return {"losses": self.losses, "val_losses": self.val_losses, "peak_mem_gib": self.peak_mem_gib,
+                "model_gib": self.model_gib, "tokens_per_s": self.tokens_per_s,
+                "output": str(self.output) if self.output else None}
 
 
 def data_parallel_layout(cfg: FinetuneConfig, world_size: int) -> Layout:
@@ -204,11 +211,12 @@ class Finetuner:
             torch.manual_seed(cfg.run.seed)  # the adapters' random init: the same on every rank and every run
             quant = cfg.quant.kind if cfg.method == "qlora" else None
             add_lora(model, cfg.lora, quant=quant, block_size=cfg.quant.block_size, device=self.device)
-            if quant is not None:
-                # Weights adopted from a memory-mapped checkpoint keep the file mapped, and every page the quantizer
-                # read stays resident: owning the few full-precision tensors left (embeddings, norms) lets it go.
-                for p in model.parameters():
-                    p.data = p.data.clone()
+        if cfg.method != "lora":
+            # Loaded weights may be views of the memory-mapped checkpoint (read-only for GGUF). Full fine-tuning
+            # writes to them; QLoRA has read every page to quantize and would keep them all resident. Owning
+            # copies (for QLoRA only the embeddings and norms are left) let the file go.
+            for p in model.parameters():
+                p.data = p.data.clone()
         model.to(self.device)
         model.train()
         return llm
@@ -365,6 +373,7 @@ class Finetuner:
         if self.val_rows and cfg.eval.every >= 0 and self.step == 0:
             self.log_val(result, self.validate())
         reset_peak_memory(self.device)
+        timed_tokens, timed_seconds = 0.0, 0.0
         while self.step < cfg.training.steps:
             start = time.perf_counter()
             record = self.train_step()
@@ -373,6 +382,8 @@ class Finetuner:
             self.step += 1
             result.losses.append(record["loss"])
             tokens = record.pop("tokens")
+            if len(result.losses) > 1:
+                timed_tokens, timed_seconds = timed_tokens + tokens, timed_seconds + elapsed
             seq_len = tokens / (cfg.training.batch_size * (2 if cfg.dpo.enabled else 1))
             flops = self.flops_per_token(int(seq_len)) * tokens / elapsed / self.world_size
             result.peak_mem_gib = peak_memory_gib(self.device)
@@ -394,11 +405,14 @@ class Finetuner:
         if cfg.checkpoint.every:
             self.checkpointer.save(self.step)
         self.model.eval()
+        result.tokens_per_s = timed_tokens / timed_seconds if timed_seconds else 0.0
+        result.model_gib = tensor_gib(self.model)
         if cfg.checkpoint.export:
             result.output = self.export()
         if self.writer is not None:
-            self.writer.print(f"peak memory {result.peak_mem_gib:.2f} GiB (model tensors "
-                              f"{tensor_gib(self.model):.2f} GiB)")
+            (self.run_dir / "summary.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
+            self.writer.print(f"peak memory {result.peak_mem_gib:.2f} GiB (model tensors {result.model_gib:.2f} GiB)"
+                              + (f", {result.tokens_per_s:,.0f} tokens/s" if result.tokens_per_s else ""))
             if cfg.metrics.plot and plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png"):
                 self.writer.print(f"loss curve: {self.run_dir / 'loss.png'}")
             self.writer.close()
