@@ -181,18 +181,19 @@ HELD_OUT = ["What is the capital of Germany?", "Name a fruit that is yellow.", "
 
 @pytest.mark.slow
 def test_default_model_learns_the_pirate_persona(default_gguf_path, tmp_path):
-    """LoRA on the bundled chats for 8 steps: held-out loss falls and replies to new questions open in character."""
+    """LoRA on the bundled chats for 8 steps: held-out loss falls, and the saved adapter on a freshly loaded base
+    (what `llama3 chat --adapter` does) answers new questions in character."""
     base = llama3.load(default_gguf_path)
     assert not any(base.chat([{"role": "user", "content": q}], max_new_tokens=6).startswith("Ahoy")
                    for q in HELD_OUT)
-    del base
     res = finetune(["training.steps=8", "training.batch_size=4", "optim.lr=3e-3", "optim.warmup_steps=2",
-                    "eval.every=0", "data.val_fraction=0.03", "lora.dropout=0", "metrics.peak_tflops=1",
-                    "metrics.tensorboard=false", "metrics.plot=false"], model=str(default_gguf_path),
-                   out=str(tmp_path / "run"))
+                    "eval.every=0", "data.val_fraction=0.03", "metrics.peak_tflops=1", "metrics.tensorboard=false",
+                    "metrics.plot=false"], model=str(default_gguf_path), out=str(tmp_path / "run"))
     (_, before), (_, after) = res.val_losses
     assert after < before / 2
-    replies = [res.llm.chat([{"role": "user", "content": q}], max_new_tokens=6) for q in HELD_OUT]
+    del res
+    tuned = apply_adapter(base, tmp_path / "run" / "adapter")
+    replies = [tuned.chat([{"role": "user", "content": q}], max_new_tokens=6) for q in HELD_OUT]
     assert all(r.startswith("Ahoy, matey!") for r in replies), replies
 
 

@@ -33,7 +33,7 @@ class AdapterError(ValueError):
 class LoRAConfig:
     rank: int = 16
     alpha: float = 32.0
-    dropout: float = 0.05
+    dropout: float = 0.0  # on the adapters' input; each dropped copy is kept for backward (activation memory)
     targets: str = "all"  # comma-separated: attention, mlp, all, or projection names (wq, wk, wv, wo, w1, w2, w3)
 
     def target_names(self) -> tuple[str, ...]:
@@ -74,9 +74,10 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         if not self.enabled:
             return out
-        a, b = self.lora_a, self.lora_b
-        delta = F.linear(F.linear(self.dropout(x).to(a.dtype), a), b)  # (..., rank) then (..., out)
-        return out + (self.scale * delta).to(out.dtype)
+        # Scale the small B rather than the (..., out) product, and add into the base output in place (a linear
+        # layer's backward does not need its output): fewer activation-sized temporaries.
+        h = F.linear(self.dropout(x).to(self.lora_a.dtype), self.lora_a)  # (..., rank)
+        return out.add_(F.linear(h, self.lora_b * self.scale).to(out.dtype))
 
     def base_weight(self) -> Tensor:
         return self.base.dequantize() if isinstance(self.base, Linear4bit) else self.base.weight
