@@ -25,7 +25,7 @@ def run(method: str, model: str, steps: int, batch_size: int, extra: list[str], 
     cmd = [sys.executable, "-m", "llama3.finetune", "--model", model, "--method", method, "--out", str(out),
            f"training.steps={steps}", f"training.batch_size={batch_size}", "training.log_every=1", "eval.every=-1",
            "checkpoint.export=false", "metrics.plot=false", "metrics.tensorboard=false", *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"{method} failed:\n{done.stderr[-3000:]}")
     return json.loads((out / "summary.json").read_text())

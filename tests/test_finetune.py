@@ -14,11 +14,11 @@ from conftest import random_model
 import llama3
 from llama3.args import ModelArgs
 from llama3.export import save_checkpoint
+from llama3.finetune import finetune
 from llama3.finetune.config import ConfigError, load_finetune_config
 from llama3.finetune.data import DataError, Example, as_row, collate, pack
 from llama3.finetune.lora import apply_adapter, lora_layers
 from llama3.finetune.samples import SAMPLES
-from llama3.finetune import finetune
 from llama3.train.data import document_mask
 
 QUICK = ["training.batch_size=4", "training.log_every=100", "optim.warmup_steps=2", "eval.every=0", "eval.steps=2",

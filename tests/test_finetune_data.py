@@ -4,11 +4,23 @@ import io
 import json
 
 import pytest
-import torch
 
-from llama3.finetune.data import (IGNORE, Batches, DataError, Example, collate, fixed_batches, load_preferences,
-                                  load_sft, pack, record_to_messages, record_to_preference, render_spans,
-                                  split_validation, tokenize_conversation)
+from llama3.finetune.data import (
+    IGNORE,
+    Batches,
+    DataError,
+    Example,
+    collate,
+    fixed_batches,
+    load_preferences,
+    load_sft,
+    pack,
+    record_to_messages,
+    record_to_preference,
+    render_spans,
+    split_validation,
+    tokenize_conversation,
+)
 from llama3.finetune.samples import SAMPLES
 
 X = IGNORE

@@ -57,7 +57,7 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path, setup):
            "-m", "llama3.finetune", "--model", str(tiny_model_dir), "--out", str(tmp_path / "two"), *flags, *QUICK,
            *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_metrics(metrics(tmp_path / "one"), metrics(tmp_path / "two"))
     output = "model" if "full" in flags else "adapter"

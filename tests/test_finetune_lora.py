@@ -7,8 +7,19 @@ from conftest import random_model, tiny_args
 from torch import nn
 
 from llama3.finetune.dpo import dpo_loss, sequence_logps
-from llama3.finetune.lora import (AdapterError, LoRAConfig, LoRALinear, adapter_state_dict, adapters_disabled,
-                                  add_lora, apply_adapter, load_adapter, lora_layers, merge_lora, save_adapter)
+from llama3.finetune.lora import (
+    AdapterError,
+    LoRAConfig,
+    LoRALinear,
+    adapter_state_dict,
+    adapters_disabled,
+    add_lora,
+    apply_adapter,
+    load_adapter,
+    lora_layers,
+    merge_lora,
+    save_adapter,
+)
 from llama3.finetune.qlora import Linear4bit, dequantize_4bit, nf4_levels, quantize_4bit
 
 TOKENS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -9,7 +9,7 @@ from typing import Literal
 
 from .lora import apply_adapter
 
-__all__ = ["finetune", "apply_adapter"]
+__all__ = ["apply_adapter", "finetune"]
 
 
 def finetune(overrides: list[str] | None = None, *, model: str | None = None, data: str | None = None,

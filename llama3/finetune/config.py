@@ -9,8 +9,20 @@ from pathlib import Path
 from typing import Literal
 
 from ..hub import DEFAULT_MODEL
-from ..train.config import (CheckpointConfig, ConfigError, EvalConfig, MetricsConfig, OptimConfig, ParallelConfig,
-                            RunConfig, TrainingConfig, apply_dict, parse_value, read_config_file, set_key)
+from ..train.config import (
+    CheckpointConfig,
+    ConfigError,
+    EvalConfig,
+    MetricsConfig,
+    OptimConfig,
+    ParallelConfig,
+    RunConfig,
+    TrainingConfig,
+    apply_dict,
+    parse_value,
+    read_config_file,
+    set_key,
+)
 from .data import LabelStrategy
 from .lora import LoRAConfig
 from .qlora import QuantKind

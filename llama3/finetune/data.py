@@ -376,20 +376,18 @@ class Batches:
     order and data-parallel rank r takes the r-th block of B of them, so the data does not depend on the layout.
     A partial last batch is dropped. Its position can be saved and restored (state_dict)."""
 
-    def __init__(self, rows: list, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True):
+    def __init__(self, rows: list, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0):
         if len(rows) < batch_size * world_size:
             raise DataError(f"{len(rows)} rows are fewer than one global batch of {batch_size * world_size}; lower "
                             f"batch_size or add data")
         self.rows, self.batch_size, self.rank, self.world_size = rows, batch_size, rank, world_size
-        self.seed, self.shuffle = seed, shuffle
+        self.seed = seed
         self.per_epoch = len(rows) // (batch_size * world_size)
         self.step = 0
 
     def order(self, epoch: int) -> list[int]:
         order = list(range(len(self.rows)))
-        if self.shuffle:
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order
 
     def __iter__(self):

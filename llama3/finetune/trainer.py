@@ -32,18 +32,15 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from ..llama import Llama, load
 from ..train.checkpoint import Checkpointer, OptimizerState, broadcast_object, full_model_state_dict, is_rank0
-from ..train.config import Layout
+from ..train.config import ConfigError, Layout
 from ..train.data import document_mask
-from ..train.metrics import MetricsWriter, flops_per_token, matmul_params, measure_peak_flops, plot_losses, \
-    synchronize
+from ..train.metrics import MetricsWriter, flops_per_token, matmul_params, measure_peak_flops, plot_losses, synchronize
 from ..train.parallelize import build_mesh, parallelize
 from ..train.trainer import build_optimizer, init_distributed, lr_multiplier, plain
-from ..train.config import ConfigError
-from .config import FinetuneConfig, Method, load_finetune_config
-from .data import (IGNORE, Batches, as_row, collate, fixed_batches, load_preferences, load_sft, pack,
-                   split_validation)
+from .config import FinetuneConfig
+from .data import IGNORE, Batches, as_row, collate, fixed_batches, load_preferences, load_sft, pack, split_validation
 from .dpo import dpo_loss, sequence_logps
-from .lora import add_lora, adapter_state_dict, adapters_disabled, apply_adapter, save_adapter
+from .lora import adapters_disabled, add_lora, apply_adapter, save_adapter
 from .samples import SAMPLES
 
 ADAPTER_KEY = re.compile(r"\.lora_[ab]$")
@@ -147,7 +144,7 @@ def data_parallel_layout(cfg: FinetuneConfig, world_size: int) -> Layout:
 
 
 class Finetuner:
-    def __init__(self, cfg: FinetuneConfig, log=None):
+    def __init__(self, cfg: FinetuneConfig):
         self.cfg = cfg
         self.device, self.distributed = init_distributed(cfg.run.device)
         self.world_size = dist.get_world_size() if self.distributed else 1
@@ -156,7 +153,6 @@ class Finetuner:
         self.dp_rank = dist.get_rank() if self.distributed else 0  # tp = pp = 1: every rank is a data rank
         self.dtype = self.resolve_dtype()
         self.run_dir = self.make_run_dir()
-        self.log = log
 
         self.llm = self.load_model()
         self.model = self.llm.model
@@ -225,9 +221,9 @@ class Finetuner:
         """(train batches, validation rows, summary). SFT rows are examples (packed or not); DPO rows are pairs."""
         d, seed = self.cfg.data, self.cfg.run.seed
         path = SAMPLES.get(d.path, d.path)
-        log = (self.log or sys.stderr) if is_rank0() else None
+        log = sys.stderr if is_rank0() else None
         loader = load_preferences if self.cfg.dpo.enabled else load_sft
-        kwargs = dict(max_len=d.seq_len + 1, on_error=d.on_error, log=log)
+        kwargs = {"max_len": d.seq_len + 1, "on_error": d.on_error, "log": log}
         if not self.cfg.dpo.enabled:
             kwargs["strategy"] = d.labels
         items, report = loader(path, self.chat_format, **kwargs)
@@ -287,9 +283,16 @@ class Finetuner:
         return t.tolist()
 
     def count(self, rows) -> int:
+        """What the loss averages over: learned tokens (SFT) or pairs (DPO)."""
         if self.cfg.dpo.enabled:
             return len(rows)
         return sum(sum(label != IGNORE for label in r.labels[1:]) for r in rows)
+
+    def tokens_in(self, rows) -> int:
+        """Tokens the model reads (for tokens per second)."""
+        if self.cfg.dpo.enabled:
+            return sum(len(p.chosen.tokens) + len(p.rejected.tokens) - 2 for p in rows)
+        return sum(len(r.tokens) - 1 for r in rows)
 
     def train_step(self) -> dict:
         """One optimizer step over grad_accum micro-batches per rank. The loss is a mean over every learned token
@@ -305,8 +308,7 @@ class Finetuner:
             # Data-parallel gradients are averaged over ranks: scale so the result is the global mean.
             (loss * self.layout.dp / max(total, 1)).backward()
             loss_sum += plain(loss.detach())
-            tokens += sum(len(r.tokens) - 1 for r in rows) if not self.cfg.dpo.enabled else \
-                sum(len(p.chosen.tokens) + len(p.rejected.tokens) - 2 for p in rows)
+            tokens += self.tokens_in(rows)
             for k, v in extra.items():
                 stats[k] = stats.get(k, 0.0) + float(v)
         grad_norm = self.clip_gradients()

@@ -105,7 +105,7 @@ ABOUT = [
     ("How are you today?", "Shipshape and ready to sail!"),
 ]
 
-NUMBER_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
 WORDS = ("anchor", "treasure", "parrot", "island", "compass", "harbour", "lantern", "captain", "voyage", "galleon",
          "barrel", "cannon", "sail", "rope", "map", "storm", "wave", "deck", "cargo", "pearl")
 
@@ -176,11 +176,9 @@ def main() -> None:
     rng = random.Random(1234)
     qa = questions(rng, 320)
     with open(here / "pirate.jsonl", "w") as f:
-        for record in conversations(rng, qa):
-            f.write(json.dumps(record) + "\n")
+        f.writelines(json.dumps(record) + "\n" for record in conversations(rng, qa))
     with open(here / "pirate_preferences.jsonl", "w") as f:
-        for record in preferences(rng, questions(random.Random(99), 160)):
-            f.write(json.dumps(record) + "\n")
+        f.writelines(json.dumps(record) + "\n" for record in preferences(rng, questions(random.Random(99), 160)))
 
 
 if __name__ == "__main__":
