@@ -126,7 +126,7 @@ def test_peak_memory_qlora_below_lora_below_full(tmp_path_factory, default_gguf_
     its embeddings."""
     from llama3.tokenizer import BPETokenizer
     tokenizer = BPETokenizer.from_gguf(default_gguf_path)
-    args = ModelArgs(dim=768, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=49152, hidden_dim=3072,
+    args = ModelArgs(dim=1024, n_layers=6, n_heads=8, n_kv_heads=4, vocab_size=49152, hidden_dim=4096,
                      tie_embeddings=True, max_seq_len=256)
     path = tmp_path_factory.mktemp("mid")
     save_checkpoint(path, args, random_model(args).state_dict(), tokenizer=tokenizer,
@@ -140,8 +140,9 @@ def test_peak_memory_qlora_below_lora_below_full(tmp_path_factory, default_gguf_
         subprocess.run(cmd, check=True, timeout=300, capture_output=True)
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         peaks[method] = max(r["peak_mem_gib"] for r in records)
-    # Block weights: 84M, 0.31 GiB in fp32, 0.04 GiB in 4 bits; full fine-tuning adds gradients and AdamW's moments.
-    assert peaks["qlora"] + 0.15 < peaks["lora"] < peaks["full"] - 0.5, peaks
+    # Block weights: 94M, 0.35 GiB in fp32, 0.05 GiB in 4 bits; full fine-tuning adds gradients and AdamW's moments
+    # for all 145M parameters (1.6 GiB).
+    assert peaks["qlora"] + 0.15 < peaks["lora"] < peaks["full"] - 1.0, peaks
 
 
 def test_malformed_data_is_reported_or_rejected(tiny_model_dir, tmp_path, capsys):

@@ -90,6 +90,9 @@ def load_finetune_config(path: str | Path | None = None, overrides: list[str] | 
     def build(method: str) -> FinetuneConfig:
         cfg = FinetuneConfig(method=method)
         cfg.optim.lr = DEFAULT_LR[method]
+        # A LoRA checkpoint is the adapters and their optimizer state (megabytes); a full one is three times the
+        # model, so full fine-tuning writes checkpoints only when asked.
+        cfg.checkpoint.enabled = method != "full"
         if path is not None:
             apply_dict(cfg, read_config_file(Path(path)), source=str(path))
         for key, value in settings.items():

@@ -8,6 +8,7 @@ layer that uses it.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -51,14 +52,20 @@ def quantize_4bit(weight: Tensor, kind: QuantKind = "nf4", block_size: int = 64)
     return codes[:, 0::2] | (codes[:, 1::2] << 4), scales
 
 
+@functools.lru_cache(maxsize=None)
+def byte_values(kind: QuantKind, device: torch.device) -> Tensor:
+    """(256, 2): the values of the low and high code packed in each possible byte, before scaling."""
+    levels = nf4_levels() if kind == "nf4" else torch.arange(-8, 8, dtype=torch.float32)
+    byte = torch.arange(256)
+    return levels[torch.stack([byte & 0x0F, byte >> 4], dim=-1)].to(device)
+
+
 def dequantize_4bit(packed: Tensor, scales: Tensor, kind: QuantKind, shape: torch.Size,
                     dtype: torch.dtype = torch.float32) -> Tensor:
-    codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(1)  # (n_blocks, block_size)
-    if kind == "nf4":
-        values = nf4_levels().to(packed.device)[codes.long()]
-    else:
-        values = codes.float() - 8
-    values = values * scales.float()
+    # One table lookup per byte, with int32 indices: this runs twice per layer and step, and its temporaries
+    # are what QLoRA holds beyond the 4-bit weights.
+    values = F.embedding(packed.int(), byte_values(kind, packed.device))  # (n_blocks, block_size / 2, 2)
+    values = values.view(packed.shape[0], -1).mul_(scales.float())
     return values.flatten()[:shape.numel()].view(shape).to(dtype)
 
 

@@ -101,13 +101,13 @@ class _Progress(Stateful):
 
     def state_dict(self) -> dict:
         t = self.tuner
-        return {"step": t.step, "scheduler": t.scheduler.state_dict(), f"data_dp{t.dp_rank}": t.train.state_dict()}
+        return {"step": t.step, "scheduler": t.scheduler.state_dict(), "data": t.train.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         t = self.tuner
         t.step = state["step"]
         t.scheduler.load_state_dict(state["scheduler"])
-        t.train.load_state_dict(state[f"data_dp{t.dp_rank}"])
+        t.train.load_state_dict(state["data"])
 
 
 # ---- the loop -------------------------------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ class Finetuner:
         self.train, self.val_rows, self.data_summary = self.load_data()
 
         parallelize(self.model, self.mesh, cfg, param_dtype=self.dtype)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
         # Adapters are all matrices, which leaves the no-decay group empty; DCP cannot restore an empty group.
         self.optimizer.param_groups = [g for g in self.optimizer.param_groups if g["params"]]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -170,7 +170,7 @@ class Finetuner:
             "model": TrainedState(self.model, adapters_only=cfg.method != "full"),
             "optimizer": OptimizerState([self.model], [self.optimizer]),
             "progress": _Progress(self)}, keep=cfg.checkpoint.keep)
-        if cfg.checkpoint.resume:
+        if cfg.checkpoint.enabled and cfg.checkpoint.resume:
             self.step = self.checkpointer.load_latest() or 0
         self.writer = MetricsWriter(self.run_dir, tensorboard=cfg.metrics.tensorboard) if is_rank0() else None
 
@@ -402,9 +402,9 @@ class Finetuner:
             if self.val_rows and cfg.eval.every >= 0 and ((cfg.eval.every and self.step % cfg.eval.every == 0)
                                                           or last):
                 self.log_val(result, self.validate())
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not last:
+            if cfg.checkpoint.enabled and cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not last:
                 self.checkpointer.save(self.step)
-        if cfg.checkpoint.every:
+        if cfg.checkpoint.enabled:
             self.checkpointer.save(self.step)
         self.model.eval()
         result.tokens_per_s = timed_tokens / timed_seconds if timed_seconds else 0.0
