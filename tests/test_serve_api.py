@@ -1,0 +1,335 @@
+"""The HTTP server on loopback: the official `openai` client against it, 16 concurrent streams, a corpus of bad
+requests, disconnects, limits, auth, health and metrics. Every call is bounded by a timeout."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from llama3.serve.app import BackgroundServer, ServeConfig, create_app
+
+from test_serve_engine import tiny_llama
+
+openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.timeout(300)
+
+KEY = "sk-test-key"
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def server(llm):
+    with BackgroundServer(create_app(llm, ServeConfig(max_batch=8, max_queue=16, max_body_bytes=64 * 1024))) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def engine_of(server):
+    return server.server.config.app.state.engine
+
+
+@contextlib.contextmanager
+def slowed(engine, seconds_per_step: float):
+    """Make every forward pass take a while, so that a request is surely still running when the test acts."""
+    model = engine.model
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds_per_step)
+        return model(*args, **kwargs)
+
+    engine.model = slow
+    try:
+        yield
+    finally:
+        engine.model = model
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+
+
+# ---- the openai client -------------------------------------------------------------------------------------------
+
+def test_models(client, llm):
+    assert [m.id for m in client.models.list().data] == [llm.name]
+    assert client.models.retrieve(llm.name).id == llm.name
+
+
+def test_chat_completion(client, llm):
+    r = client.chat.completions.create(model=llm.name, messages=CHAT, max_tokens=12, temperature=0)
+    expected = llm.chat(CHAT, max_new_tokens=12)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == expected
+    assert r.usage.prompt_tokens == len(llm.encode_chat(CHAT))
+    assert r.usage.completion_tokens <= 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_stream(client, llm):
+    chunks = list(client.chat.completions.create(model=llm.name, messages=CHAT, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == llm.chat(CHAT, max_new_tokens=12)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == len(llm.encode_chat(CHAT))
+
+
+def test_completion_and_stream_agree(client, llm):
+    r = client.completions.create(model=llm.name, prompt="once upon a time", max_tokens=10, temperature=0)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=llm.name, prompt="once upon a time", max_tokens=10, temperature=0, stream=True))
+    assert r.choices[0].text == streamed == llm.generate("once upon a time", max_new_tokens=10)
+    assert r.object == "text_completion"
+
+
+def test_max_tokens_gives_length(client, llm):
+    r = client.completions.create(model=llm.name, prompt="abc", max_tokens=7, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 7)
+
+
+def test_stop_strings(client, llm):
+    full = client.completions.create(model=llm.name, prompt="stop here", max_tokens=30, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[12:14]
+    for stream in (False, True):
+        kwargs = dict(model=llm.name, prompt="stop here", max_tokens=30, temperature=0, stop=[stop, "zzzzz"],
+                      stream=stream, extra_body={"ignore_eos": True})
+        if stream:
+            chunks = list(client.completions.create(**kwargs))
+            text, reason = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+        else:
+            r = client.completions.create(**kwargs)
+            text, reason = r.choices[0].text, r.choices[0].finish_reason
+        assert (text, reason) == (full[:full.index(stop)], "stop")
+
+
+def test_n_choices_and_seeds(client, llm):
+    kwargs = dict(model=llm.name, messages=CHAT, max_tokens=8, temperature=1.0, seed=7, n=3)
+    a, b = client.chat.completions.create(**kwargs), client.chat.completions.create(**kwargs)
+    texts = [c.message.content for c in a.choices]
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in b.choices]  # the same seed gives the same choices
+    assert len(set(texts)) > 1  # choice i samples with seed + i
+    streamed = {}
+    for c in client.chat.completions.create(**kwargs, stream=True):
+        streamed[c.choices[0].index] = streamed.get(c.choices[0].index, "") + (c.choices[0].delta.content or "")
+    assert [streamed[i] for i in range(3)] == texts
+
+
+def test_sixteen_concurrent_streams_match_single_requests(server, llm):
+    prompts = [f"story number {i}, " + "abcdefghijklmnop"[:i] for i in range(16)]
+
+    def run(prompt):
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        chunks = c.completions.create(model=llm.name, prompt=prompt, max_tokens=24, temperature=0, stream=True,
+                                      stream_options={"include_usage": True})
+        chunks = list(chunks)
+        return "".join(ch.choices[0].text for ch in chunks if ch.choices), chunks[-1].usage.completion_tokens
+
+    alone = [run(p) for p in prompts]
+    engine = engine_of(server)
+    batches_before = engine.metrics.batch_size.count
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(run, prompts))
+    assert together == alone
+    assert all(n >= 1 for _, n in together)
+    # They really were decoded together: some forward passes carried several requests.
+    assert engine.metrics.batch_size.count - batches_before < sum(n for _, n in together)
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------
+
+def body(**fields) -> bytes:
+    return json.dumps({"model": "tiny", **fields}).encode()
+
+
+MSG = [{"role": "user", "content": "hi"}]
+BAD_REQUESTS = {
+    "malformed JSON": ("/v1/chat/completions", b'{"model": "tiny", "messages": [', 400),
+    "not an object": ("/v1/chat/completions", b"[1, 2, 3]", 400),
+    "empty body": ("/v1/completions", b"", 400),
+    "deep nesting": ("/v1/completions", b"[" * 100000 + b"]" * 100000, 413),
+    "deep nesting, small": ("/v1/completions", b"[" * 20000 + b"]" * 20000, 400),
+    "invalid UTF-8": ("/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe abc"}', 400),
+    "lone surrogate": ("/v1/completions", b'{"model": "tiny", "prompt": "\\ud800"}', 400),
+    "missing model": ("/v1/chat/completions", json.dumps({"messages": MSG}).encode(), 400),
+    "missing messages": ("/v1/chat/completions", body(), 400),
+    "missing prompt": ("/v1/completions", body(), 400),
+    "empty messages": ("/v1/chat/completions", body(messages=[]), 400),
+    "messages not a list": ("/v1/chat/completions", body(messages="hi"), 400),
+    "unknown role": ("/v1/chat/completions", body(messages=[{"role": "robot", "content": "hi"}]), 400),
+    "content a number": ("/v1/chat/completions", body(messages=[{"role": "user", "content": 5}]), 400),
+    "image content": ("/v1/chat/completions", body(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]), 400),
+    "max_tokens a string": ("/v1/chat/completions", body(messages=MSG, max_tokens="5"), 400),
+    "max_tokens negative": ("/v1/chat/completions", body(messages=MSG, max_tokens=-1), 400),
+    "max_tokens zero": ("/v1/completions", body(prompt="a", max_tokens=0), 400),
+    "max_tokens huge": ("/v1/completions", body(prompt="a", max_tokens=10**12), 400),
+    "max_tokens float": ("/v1/completions", body(prompt="a", max_tokens=5.5), 400),
+    "temperature a string": ("/v1/completions", body(prompt="a", temperature="hot"), 400),
+    "temperature negative": ("/v1/completions", body(prompt="a", temperature=-1), 400),
+    "temperature NaN": ("/v1/completions", b'{"model": "tiny", "prompt": "a", "temperature": NaN}', 400),
+    "top_p zero": ("/v1/completions", body(prompt="a", top_p=0), 400),
+    "stream a string": ("/v1/completions", body(prompt="a", stream="yes"), 400),
+    "stop a number": ("/v1/completions", body(prompt="a", stop=5), 400),
+    "five stops": ("/v1/completions", body(prompt="a", stop=list("abcde")), 400),
+    "n zero": ("/v1/completions", body(prompt="a", n=0), 400),
+    "n too large": ("/v1/completions", body(prompt="a", n=100), 400),
+    "seed negative": ("/v1/completions", body(prompt="a", seed=-3), 400),
+    "unknown model": ("/v1/chat/completions", json.dumps({"model": "gpt-9", "messages": MSG}).encode(), 404),
+    "prompt over the context": ("/v1/completions", body(prompt="a" * 300), 400),
+    "prompt + max_tokens over the context": ("/v1/completions", body(prompt="a" * 200, max_tokens=100), 400),
+    "empty prompt list": ("/v1/completions", body(prompt=[]), 400),
+    "token id out of range": ("/v1/completions", body(prompt=[1, 2, 10**6]), 400),
+    "unsupported logprobs": ("/v1/completions", body(prompt="a", logprobs=3), 400),
+    "unsupported tools": ("/v1/chat/completions", body(messages=MSG, tools=[{"type": "function"}]), 400),
+    "oversized body": ("/v1/completions", body(prompt="a" * 100_000), 413),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_bad_request_gets_a_clean_error(server, case):
+    path, content, status = BAD_REQUESTS[case]
+    r = httpx.post(server.url + path, content=content, headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert isinstance(error["message"], str) and error["message"] and set(error) == {"message", "type", "param",
+                                                                                     "code"}
+
+
+def test_unknown_route_and_method_are_json_errors(server):
+    r = httpx.get(server.url + "/v1/nothing", timeout=10)
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(server.url + "/v1/chat/completions", timeout=10)
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_openai_client_raises_on_errors(client, llm):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=MSG)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model=llm.name, prompt="a" * 300)
+
+
+def test_server_keeps_serving_after_bad_input(server, client, llm):
+    for path, content, _ in BAD_REQUESTS.values():
+        httpx.post(server.url + path, content=content, timeout=30)
+    assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "ok"
+    r = client.chat.completions.create(model=llm.name, messages=CHAT, max_tokens=5, temperature=0)
+    assert r.choices[0].message.content == llm.chat(CHAT, max_new_tokens=5)
+
+
+# ---- disconnects, limits, timeouts ---------------------------------------------------------------------------------
+
+def test_disconnect_mid_stream_cancels_and_frees_the_slot(server, llm):
+    engine = engine_of(server)
+    long = {"model": llm.name, "prompt": "a", "max_tokens": 200, "ignore_eos": True}  # 10 s at 50 ms a step
+    with slowed(engine, 0.05):
+        with httpx.stream("POST", server.url + "/v1/completions", json={**long, "stream": True}, timeout=30) as r:
+            assert next(line for line in r.iter_lines() if line.startswith("data:"))
+            assert engine.num_running == 1
+        assert wait_until(lambda: engine.num_running == 0 and engine.num_waiting == 0, timeout=2)
+        # A non-streaming client that gives up is cancelled too.
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", json=long, timeout=0.5)
+        assert wait_until(lambda: engine.num_running == 0 and engine.num_waiting == 0, timeout=2)
+
+
+def test_queue_full_gives_429_and_the_server_recovers(llm):
+    config = ServeConfig(max_batch=1, max_queue=1)
+    with BackgroundServer(create_app(llm, config)) as server:
+        engine = engine_of(server)
+        long = {"model": llm.name, "prompt": "a", "max_tokens": 200, "stream": True, "ignore_eos": True}
+        with slowed(engine, 0.05), contextlib.ExitStack() as streams:
+            for _ in range(2):  # one decoding, one waiting
+                r = streams.enter_context(httpx.stream("POST", server.url + "/v1/completions", json=long, timeout=30))
+                assert r.status_code == 200
+            assert wait_until(lambda: engine.num_running == 1)
+            r = httpx.post(server.url + "/v1/completions", json={"model": llm.name, "prompt": "a"}, timeout=10)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "server_busy"
+            streams.close()  # both clients go away: both requests are cancelled
+            assert wait_until(lambda: engine.num_running == 0 and engine.num_waiting == 0, timeout=2)
+        r = httpx.post(server.url + "/v1/completions", json={"model": llm.name, "prompt": "a", "max_tokens": 3},
+                       timeout=10)
+        assert r.status_code == 200
+
+
+def test_request_timeout(llm):
+    with BackgroundServer(create_app(llm, ServeConfig(request_timeout=0.3))) as server:
+        engine = engine_of(server)
+        req = {"model": llm.name, "prompt": "a", "max_tokens": 200, "ignore_eos": True}
+        with slowed(engine, 0.05):  # 10 s for 200 tokens
+            r = httpx.post(server.url + "/v1/completions", json=req, timeout=30)
+            assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+            assert wait_until(lambda: engine.num_running == 0, timeout=2)
+            events = httpx.post(server.url + "/v1/completions", json={**req, "stream": True}, timeout=30).text
+            assert '"code": "timeout"' in events.split("data: ")[-1] and "[DONE]" not in events
+            assert wait_until(lambda: engine.num_running == 0, timeout=2)
+
+
+# ---- auth, health, metrics, page ---------------------------------------------------------------------------------
+
+def test_api_key(llm):
+    with BackgroundServer(create_app(llm, ServeConfig(api_key=KEY))) as server:
+        url = server.url
+        for path in ("/v1/models", "/metrics"):
+            assert httpx.get(url + path, timeout=10).status_code == 401
+            assert httpx.get(url + path, headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 401
+            assert httpx.get(url + path, headers={"Authorization": f"Bearer {KEY}"}, timeout=10).status_code == 200
+        r = httpx.post(url + "/v1/completions", json={"model": llm.name, "prompt": "a"}, timeout=10)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        for path in ("/health", "/", "/static/chat.js", "/static/chat.css"):
+            assert httpx.get(url + path, timeout=10).status_code == 200
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        r = good.chat.completions.create(model=llm.name, messages=CHAT, max_tokens=4, temperature=0)
+        assert r.choices[0].message.content == llm.chat(CHAT, max_new_tokens=4)
+
+
+def test_health_and_metrics(server, client, llm):
+    assert httpx.get(server.url + "/health", timeout=10).json() == {"status": "ok", "model": llm.name}
+    client.completions.create(model=llm.name, prompt="count me", max_tokens=3, temperature=0,
+                              extra_body={"ignore_eos": True})
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values['llama3_requests_total{route="/v1/completions",status="200"}'] >= 1
+    assert values["llama3_generation_tokens_total"] >= 3 and values["llama3_prompt_tokens_total"] >= 1
+    assert values["llama3_request_duration_seconds_count"] >= 1
+    assert values["llama3_time_to_first_token_seconds_count"] >= 1
+    assert values["llama3_batch_size_count"] >= 1
+    assert values["llama3_queue_depth"] == 0 and values["llama3_running_requests"] == 0
+
+
+def test_page_is_served_and_self_contained(server):
+    page = httpx.get(server.url + "/", timeout=10)
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    for asset in ("/static/chat.js", "/static/chat.css"):
+        assert asset in page.text
+    for path in ("/", "/static/chat.js", "/static/chat.css"):  # works offline: no CDN, no web font
+        text = httpx.get(server.url + path, timeout=10).text
+        assert "http://" not in text and "https://" not in text and "@import" not in text
