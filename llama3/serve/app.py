@@ -104,9 +104,9 @@ class Generation:
         self.queue.put_nowait((-1, None))
 
 
-def create_app(llm, config: ServeConfig = ServeConfig(), *, model_name: str | None = None) -> FastAPI:
+def create_app(llm, config: ServeConfig = ServeConfig()) -> FastAPI:
     """The server for one loaded model (`llama3.load(...)`); its engine starts and stops with the app."""
-    name = model_name or llm.name or "llama3"
+    name = llm.name or "llama3"
     created = now()
     metrics = ServeMetrics()
     engine = Engine(llm.model, llm.tokenizer, max_batch=config.max_batch, max_context=config.max_context,
@@ -130,7 +130,7 @@ def create_app(llm, config: ServeConfig = ServeConfig(), *, model_name: str | No
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
-        return JSONResponse(APIError(e.status_code, str(e.detail), code=None).body(), status_code=e.status_code)
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, e: Exception):
@@ -185,7 +185,7 @@ def create_app(llm, config: ServeConfig = ServeConfig(), *, model_name: str | No
         started = time.perf_counter()
         field = "messages" if chat else "prompt"
         max_tokens = completion_budget(prompts, body.token_limit, field)
-        stops = body.stop_strings
+        stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
         if body.n > config.max_batch:
             raise APIError(400, f"n must be at most {config.max_batch} on this server", param="n")
         if len(prompts) * body.n > config.max_batch + config.max_queue:

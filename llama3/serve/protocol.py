@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -68,7 +68,7 @@ class SamplingRequest(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     n: int = Field(1, ge=1)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # not OpenAI's: keep generating past end-of-turn (benchmarks want fixed lengths)
@@ -87,13 +87,6 @@ class SamplingRequest(BaseModel):
             loc = [str(p) for p in err["loc"]]
             raise APIError(400, f"invalid '{'.'.join(loc)}': {err['msg']}" if loc else err["msg"],
                            param=loc[0] if loc else None) from None
-
-    @property
-    def stop_strings(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        if len(stops) > 4:
-            raise APIError(400, f"'stop' takes at most 4 strings, got {len(stops)}", param="stop")
-        return stops
 
     @property
     def include_usage(self) -> bool:
