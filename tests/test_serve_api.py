@@ -1,9 +1,11 @@
-"""The HTTP server on loopback: the official `openai` client against it, 16 concurrent streams, a corpus of bad
-requests, disconnects, limits, auth, health and metrics. Every call is bounded by a timeout."""
+"""The HTTP server on loopback with the default model: the official `openai` client against it, 16 concurrent
+streams, a corpus of bad requests, disconnects, limits, auth, health and metrics. Every call is bounded by a
+timeout."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,30 +13,40 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from llama3.hub import DEFAULT_MODEL
 from llama3.serve.app import BackgroundServer, ServeConfig, create_app
 
-from test_serve_engine import tiny_llama
-
 openai = pytest.importorskip("openai")
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 KEY = "sk-test-key"
+CONTEXT = 512  # a short context keeps the KV cache small and "prompt over the context" cheap to send
+
+
+@functools.cache
+def default_llm():
+    import llama3
+    return llama3.load(DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="module")
-def llm():
-    return tiny_llama()
+def llm(default_gguf_path):
+    return default_llm()
+
+
+def start(llm, **config) -> BackgroundServer:
+    return BackgroundServer(create_app(llm, ServeConfig(**{"max_context": CONTEXT, **config})))
 
 
 @pytest.fixture(scope="module")
 def server(llm):
-    with BackgroundServer(create_app(llm, ServeConfig(max_batch=8, max_queue=16, max_body_bytes=64 * 1024))) as s:
+    with start(llm, max_batch=8, max_queue=16, max_body_bytes=64 * 1024) as s:
         yield s
 
 
 @pytest.fixture
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def engine_of(server):
@@ -66,7 +78,8 @@ def wait_until(condition, timeout: float = 10.0) -> bool:
     return True
 
 
-CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+CHAT = [{"role": "system", "content": "You answer in one short sentence."},
+        {"role": "user", "content": "What is the capital of France?"}]
 
 
 # ---- the openai client -------------------------------------------------------------------------------------------
@@ -77,20 +90,22 @@ def test_models(client, llm):
 
 
 def test_chat_completion(client, llm):
-    r = client.chat.completions.create(model=llm.name, messages=CHAT, max_tokens=12, temperature=0)
-    expected = llm.chat(CHAT, max_new_tokens=12)
+    r = client.chat.completions.create(model=llm.name, messages=CHAT, max_tokens=24, temperature=0)
+    expected = llm.chat(CHAT, max_new_tokens=24)
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
-    assert r.choices[0].message.content == expected
+    assert r.choices[0].message.content == expected and "Paris" in expected
+    assert r.choices[0].finish_reason == "stop"  # the model ended its turn
     assert r.usage.prompt_tokens == len(llm.encode_chat(CHAT))
-    assert r.usage.completion_tokens <= 12
+    assert r.usage.completion_tokens <= 24
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
 def test_chat_stream(client, llm):
-    chunks = list(client.chat.completions.create(model=llm.name, messages=CHAT, max_tokens=12, temperature=0,
+    chunks = list(client.chat.completions.create(model=llm.name, messages=CHAT, max_tokens=24, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == llm.chat(CHAT, max_new_tokens=12)
+    assert text == llm.chat(CHAT, max_new_tokens=24)
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3  # it really streamed
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
     assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == len(llm.encode_chat(CHAT))
@@ -126,6 +141,14 @@ def test_stop_strings(client, llm):
         assert (text, reason) == (full[:full.index(stop)], "stop")
 
 
+def test_streamed_utf8_is_whole_characters(client, llm):
+    kwargs = dict(model=llm.name, prompt="Les élèves français écrivent «", max_tokens=24, temperature=0)
+    whole = client.completions.create(**kwargs).choices[0].text
+    pieces = [c.choices[0].text for c in client.completions.create(**kwargs, stream=True)]
+    assert "".join(pieces) == whole == llm.generate(kwargs["prompt"], max_new_tokens=24)
+    assert any(ord(ch) > 127 for ch in whole) and "\ufffd" not in whole
+
+
 def test_n_choices_and_seeds(client, llm):
     kwargs = dict(model=llm.name, messages=CHAT, max_tokens=8, temperature=1.0, seed=7, n=3)
     a, b = client.chat.completions.create(**kwargs), client.chat.completions.create(**kwargs)
@@ -140,11 +163,13 @@ def test_n_choices_and_seeds(client, llm):
 
 
 def test_sixteen_concurrent_streams_match_single_requests(server, llm):
-    prompts = [f"story number {i}, " + "abcdefghijklmnop"[:i] for i in range(16)]
+    prompts = [f"Here is fact number {i + 1} about {topic}:" for i, topic in enumerate(
+        ["the sea", "owls", "Paris", "volcanoes", "bread", "trains", "the moon", "bees", "ice", "rivers", "chess",
+         "copper", "tea", "comets", "maps", "wind"])]
 
     def run(prompt):
         c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        chunks = c.completions.create(model=llm.name, prompt=prompt, max_tokens=24, temperature=0, stream=True,
+        chunks = c.completions.create(model=llm.name, prompt=prompt, max_tokens=16, temperature=0, stream=True,
                                       stream_options={"include_usage": True})
         chunks = list(chunks)
         return "".join(ch.choices[0].text for ch in chunks if ch.choices), chunks[-1].usage.completion_tokens
@@ -163,18 +188,19 @@ def test_sixteen_concurrent_streams_match_single_requests(server, llm):
 # ---- bad input -------------------------------------------------------------------------------------------------
 
 def body(**fields) -> bytes:
-    return json.dumps({"model": "tiny", **fields}).encode()
+    return json.dumps({"model": DEFAULT_MODEL, **fields}).encode()
 
 
+M = DEFAULT_MODEL.encode()
 MSG = [{"role": "user", "content": "hi"}]
 BAD_REQUESTS = {
-    "malformed JSON": ("/v1/chat/completions", b'{"model": "tiny", "messages": [', 400),
+    "malformed JSON": ("/v1/chat/completions", b'{"model": "%s", "messages": [' % M, 400),
     "not an object": ("/v1/chat/completions", b"[1, 2, 3]", 400),
     "empty body": ("/v1/completions", b"", 400),
     "deep nesting": ("/v1/completions", b"[" * 100000 + b"]" * 100000, 413),
     "deep nesting, small": ("/v1/completions", b"[" * 20000 + b"]" * 20000, 400),
-    "invalid UTF-8": ("/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe abc"}', 400),
-    "lone surrogate": ("/v1/completions", b'{"model": "tiny", "prompt": "\\ud800"}', 400),
+    "invalid UTF-8": ("/v1/completions", b'{"model": "%s", "prompt": "\xff\xfe abc"}' % M, 400),
+    "lone surrogate": ("/v1/completions", b'{"model": "%s", "prompt": "\\ud800"}' % M, 400),
     "missing model": ("/v1/chat/completions", json.dumps({"messages": MSG}).encode(), 400),
     "missing messages": ("/v1/chat/completions", body(), 400),
     "missing prompt": ("/v1/completions", body(), 400),
@@ -191,7 +217,7 @@ BAD_REQUESTS = {
     "max_tokens float": ("/v1/completions", body(prompt="a", max_tokens=5.5), 400),
     "temperature a string": ("/v1/completions", body(prompt="a", temperature="hot"), 400),
     "temperature negative": ("/v1/completions", body(prompt="a", temperature=-1), 400),
-    "temperature NaN": ("/v1/completions", b'{"model": "tiny", "prompt": "a", "temperature": NaN}', 400),
+    "temperature NaN": ("/v1/completions", b'{"model": "%s", "prompt": "a", "temperature": NaN}' % M, 400),
     "top_p zero": ("/v1/completions", body(prompt="a", top_p=0), 400),
     "stream a string": ("/v1/completions", body(prompt="a", stream="yes"), 400),
     "stop a number": ("/v1/completions", body(prompt="a", stop=5), 400),
@@ -200,8 +226,8 @@ BAD_REQUESTS = {
     "n too large": ("/v1/completions", body(prompt="a", n=100), 400),
     "seed negative": ("/v1/completions", body(prompt="a", seed=-3), 400),
     "unknown model": ("/v1/chat/completions", json.dumps({"model": "gpt-9", "messages": MSG}).encode(), 404),
-    "prompt over the context": ("/v1/completions", body(prompt="a" * 300), 400),
-    "prompt + max_tokens over the context": ("/v1/completions", body(prompt="a" * 200, max_tokens=100), 400),
+    "prompt over the context": ("/v1/completions", body(prompt="hello " * 600), 400),
+    "prompt + max_tokens over the context": ("/v1/completions", body(prompt="hello " * 300, max_tokens=300), 400),
     "empty prompt list": ("/v1/completions", body(prompt=[]), 400),
     "token id out of range": ("/v1/completions", body(prompt=[1, 2, 10**6]), 400),
     "unsupported logprobs": ("/v1/completions", body(prompt="a", logprobs=3), 400),
@@ -231,7 +257,7 @@ def test_openai_client_raises_on_errors(client, llm):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-9", messages=MSG)
     with pytest.raises(openai.BadRequestError, match="context"):
-        client.completions.create(model=llm.name, prompt="a" * 300)
+        client.completions.create(model=llm.name, prompt="hello " * 600)
 
 
 def test_server_keeps_serving_after_bad_input(server, client, llm):
@@ -259,8 +285,7 @@ def test_disconnect_mid_stream_cancels_and_frees_the_slot(server, llm):
 
 
 def test_queue_full_gives_429_and_the_server_recovers(llm):
-    config = ServeConfig(max_batch=1, max_queue=1)
-    with BackgroundServer(create_app(llm, config)) as server:
+    with start(llm, max_batch=1, max_queue=1) as server:
         engine = engine_of(server)
         long = {"model": llm.name, "prompt": "a", "max_tokens": 200, "stream": True, "ignore_eos": True}
         with slowed(engine, 0.05), contextlib.ExitStack() as streams:
@@ -278,7 +303,7 @@ def test_queue_full_gives_429_and_the_server_recovers(llm):
 
 
 def test_request_timeout(llm):
-    with BackgroundServer(create_app(llm, ServeConfig(request_timeout=0.3))) as server:
+    with start(llm, request_timeout=0.3) as server:
         engine = engine_of(server)
         req = {"model": llm.name, "prompt": "a", "max_tokens": 200, "ignore_eos": True}
         with slowed(engine, 0.05):  # 10 s for 200 tokens
@@ -293,7 +318,7 @@ def test_request_timeout(llm):
 # ---- auth, health, metrics, page ---------------------------------------------------------------------------------
 
 def test_api_key(llm):
-    with BackgroundServer(create_app(llm, ServeConfig(api_key=KEY))) as server:
+    with start(llm, api_key=KEY) as server:
         url = server.url
         for path in ("/v1/models", "/metrics"):
             assert httpx.get(url + path, timeout=10).status_code == 401

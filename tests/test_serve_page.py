@@ -10,14 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from llama3.serve.app import BackgroundServer, ServeConfig, create_app
-
-from test_serve_api import slowed
-from test_serve_engine import tiny_llama
+from test_serve_api import default_llm, slowed, start
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed"), pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed"), pytest.mark.slow,
+              pytest.mark.timeout(180)]
 # Offline and quiet: no sandbox (runs as root in CI), no GPU, no calls home.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
@@ -25,13 +23,13 @@ SCREENSHOTS = Path(os.environ.get("LLAMA3_SCREENSHOTS", "/tmp/llama3-screenshots
 
 
 @pytest.fixture(scope="module")
-def llm():
-    return tiny_llama()
+def llm(default_gguf_path):
+    return default_llm()
 
 
 @pytest.fixture(scope="module")
 def server(llm):
-    with BackgroundServer(create_app(llm, ServeConfig(max_batch=4))) as s:
+    with start(llm, max_batch=4) as s:
         yield s
 
 
@@ -63,23 +61,23 @@ def page(browser, server):
 def test_chat_streams_a_reply(page, llm):
     sync_api.expect(page.locator("#model")).to_have_text(llm.name)
     page.click("#settings summary")
-    page.fill("#system", "be brief")
+    page.fill("#system", "You answer in one short sentence.")
     page.locator("#system").dispatch_event("change")
     page.fill("#temperature", "0")
-    page.fill("#max-tokens", "16")
-    page.fill("#input", "hello there")
+    page.fill("#max-tokens", "32")
+    page.fill("#input", "What is the capital of France?")
     page.keyboard.press("Enter")
     reply = page.locator(".message.assistant")
     sync_api.expect(reply).to_have_count(1)
     sync_api.expect(page.locator(".message.assistant.streaming")).to_have_count(0)
-    expected = llm.chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}],
-                        max_new_tokens=16)
-    assert reply.text_content() == expected
-    assert page.locator(".message.user").text_content() == "hello there"
+    expected = llm.chat([{"role": "system", "content": "You answer in one short sentence."},
+                         {"role": "user", "content": "What is the capital of France?"}], max_new_tokens=32)
+    assert reply.text_content() == expected and "Paris" in expected
+    assert page.locator(".message.user").text_content() == "What is the capital of France?"
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "chat.png"), full_page=True)
     # A second turn carries the first one as history.
-    page.fill("#input", "and again")
+    page.fill("#input", "And of Italy?")
     page.click("#send")
     sync_api.expect(page.locator(".message.assistant")).to_have_count(2)
     sync_api.expect(page.locator(".message.assistant.streaming")).to_have_count(0)
