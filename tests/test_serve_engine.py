@@ -146,6 +146,25 @@ def test_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding(llm):
     assert rec_short.text == reference(llm, short.prompt, 40)
 
 
+def test_short_prompts_arriving_together_share_one_prefill_pass(llm):
+    engine = Engine(llm.model, llm.tokenizer, max_batch=8, prefill_chunk=64)
+    calls = []
+    model = engine.model
+    engine.model = lambda tokens, *args, **kwargs: calls.append(tuple(tokens.shape)) or model(tokens, *args, **kwargs)
+    ps = [[llm.tokenizer.bos_id] + [(7 * i + j) % 30 for j in range(11)] for i in range(6)]  # 12 tokens each:
+    # 5 of them fit in a 64-token budget, the sixth waits for the next step
+    reqs = [make_request(p, 6) for p in ps]
+    engine.submit([r for r, _ in reqs])
+    engine.step()
+    assert len(calls) == 1 and calls[0][0] == 5 and engine.num_running == 5 and engine.num_waiting == 1
+    assert all(len(rec.outputs) == 1 for _, rec in reqs[:5])  # each has its first token already
+    engine.step()  # decodes the five, then prefills the sixth
+    assert calls[1:] == [(5, 1), (1, len(ps[5]))]
+    run_until_done(engine, [rec for _, rec in reqs])
+    for p, (_, rec) in zip(ps, reqs):
+        assert rec.text == reference(llm, p, 6)
+
+
 def test_cancel_frees_the_slot_and_the_others_are_unaffected(llm):
     engine = Engine(llm.model, llm.tokenizer, max_batch=2)
     ps = prompts(llm, 3, seed=2)

@@ -1,13 +1,15 @@
 """Continuous batching: one thread runs the model for every request in flight.
 
 Each running request owns one row of a static KV cache. Every engine step decodes one token for all running requests
-in a single batched forward pass, then advances the prompt of at most one new request by one chunk (chunked prefill):
-a long prompt costs the running streams one chunk of compute per step instead of its whole prefill, and requests
+in a single batched forward pass, then spends at most `prefill_chunk` prompt tokens on new requests: either several
+whole short prompts together in one padded forward pass, or the next chunk of one long prompt (chunked prefill). A
+long prompt thus costs the running streams one chunk of compute per step instead of its whole prefill, and requests
 join or leave between steps without anyone waiting for a batch to drain.
 
 Running requests always occupy cache rows 0..n-1, which is exactly the layout the model's cache uses for a batch of
-n rows. When a request finishes, the last running row is moved into its place. A new prompt is prefilled in a
-separate one-row cache and copied into row n when it is complete.
+n rows. When a request finishes, the last running row is moved into its place. New prompts are prefilled in a
+separate cache (one full-length row for a long prompt, `max_batch` short rows for a group of short ones) and copied
+into rows n, n+1, ... when complete.
 
 Torch releases the GIL while it computes, so the web server's event loop stays responsive while this thread works;
 the two sides meet only in `submit` (a locked queue) and each request's `emit` callback.
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -96,11 +97,13 @@ class Engine:
         weight = model.tok_embeddings.weight
         self.device = weight.device
         self.cache = KVCache(model.args, max_batch, self.max_context, dtype=weight.dtype, device=self.device)
-        self.prefill_cache = KVCache(model.args, 1, self.max_context, dtype=weight.dtype, device=self.device)
+        self.long_prefill_cache = KVCache(model.args, 1, self.max_context, dtype=weight.dtype, device=self.device)
+        self.group_prefill_cache = KVCache(model.args, max_batch, min(prefill_chunk, self.max_context),
+                                           dtype=weight.dtype, device=self.device)
         self._waiting: deque[Request] = deque()  # guarded by _cond
         self._cond = threading.Condition()
         self._running: list[Request] = []  # engine thread only; _running[i] lives in cache row i
-        self._prefilling: Request | None = None
+        self._prefilling: list[Request] = []  # engine thread only: one long prompt or a group of short ones
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None  # set if the engine thread itself died
@@ -118,11 +121,11 @@ class Engine:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join()
-        for req in [*self._waiting, *self._running, *([self._prefilling] if self._prefilling else [])]:
+        for req in [*self._waiting, *self._running, *self._prefilling]:
             self._fail(req, "the server is shutting down")
         self._waiting.clear()
         self._running.clear()
-        self._prefilling = None
+        self._prefilling = []
 
     @property
     def alive(self) -> bool:
@@ -149,14 +152,14 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting) + (self._prefilling is not None)
+        return len(self._waiting) + len(self._prefilling)
 
     @property
     def num_running(self) -> int:
         return len(self._running)
 
     def _free_slots(self) -> int:
-        return self.max_batch - len(self._running) - (self._prefilling is not None)
+        return self.max_batch - len(self._running) - len(self._prefilling)
 
     # ---- the engine thread ---------------------------------------------------------------------------------------
 
@@ -172,41 +175,53 @@ class Engine:
                     self.step()
                 except Exception as e:  # a failed forward pass fails the requests in flight, not the server
                     log.exception("engine step failed")
-                    for req in [*self._running, *([self._prefilling] if self._prefilling else [])]:
+                    for req in [*self._running, *self._prefilling]:
                         self._fail(req, f"generation failed: {type(e).__name__}: {e}")
                     self._running.clear()
-                    self._prefilling = None
+                    self._prefilling = []
         except BaseException as e:
             self.error = e
             raise
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Drop cancelled requests, decode one token for every running request, advance one prefill chunk."""
+        """Drop cancelled requests, decode one token for every running request, spend one step's prefill budget."""
         self._drop_cancelled()
         if self._running:
             self._decode()
-        if self._prefilling is None and len(self._running) < self.max_batch:
-            self._prefilling = self._next_waiting()
-        if self._prefilling is not None:
-            self._prefill_chunk(self._prefilling)
+        if not self._prefilling:
+            self._prefilling = self._take_waiting()
+        if self._prefilling:
+            self._prefill(self._prefilling)
 
-    def _next_waiting(self) -> Request | None:
+    def _take_waiting(self) -> list[Request]:
+        """The next prompts to prefill, first come first served: one long prompt alone (chunked over steps), or as
+        many whole short prompts as there are free slots and fit in prefill_chunk tokens once padded."""
+        group, longest = [], 0
         with self._cond:
-            while self._waiting:
-                req = self._waiting.popleft()
-                if not req.cancelled:
-                    req.stream = TextStream(self.tokenizer, req.stop)
-                    req.generator = make_generator(req.params.seed, self.device)
-                    return req
-        return None
+            while self._waiting and len(group) < self.max_batch - len(self._running):
+                req = self._waiting[0]
+                if req.cancelled:
+                    self._waiting.popleft()
+                    continue
+                n = len(req.prompt)
+                if group and (n > self.prefill_chunk or (len(group) + 1) * max(longest, n) > self.prefill_chunk):
+                    break  # does not fit with the others: it goes first next step
+                group.append(self._waiting.popleft())
+                longest = max(longest, n)
+                if n > self.prefill_chunk:
+                    break
+        for req in group:
+            req.stream = TextStream(self.tokenizer, req.stop)
+            req.generator = make_generator(req.params.seed, self.device)
+        return group
 
     def _drop_cancelled(self) -> None:
         for i in reversed(range(len(self._running))):
             if self._running[i].cancelled:
                 self._release(i)
-        if self._prefilling is not None and self._prefilling.cancelled:
-            self._prefilling = None
+        if self._prefilling and self._prefilling[0].cancelled:  # only a long prompt stays prefilling across steps
+            self._prefilling = []
         with self._cond:
             if any(r.cancelled for r in self._waiting):
                 self._waiting = deque(r for r in self._waiting if not r.cancelled)
@@ -223,26 +238,37 @@ class Engine:
             if self._accept(running[i], next_ids[i]):
                 self._release(i)
 
-    def _prefill_chunk(self, req: Request) -> None:
-        start = req.prefilled
-        chunk = req.prompt[start:start + self.prefill_chunk]
-        tokens = torch.tensor([chunk], device=self.device)  # (1, T)
-        positions = torch.arange(start, start + len(chunk), device=self.device)[None]  # (1, T)
-        last = torch.tensor([len(chunk) - 1], device=self.device)
-        logits = self.model(tokens, positions, self.prefill_cache, logits_index=last)[:, -1]  # (1, vocab)
-        req.prefilled += len(chunk)
-        if req.prefilled < len(req.prompt):
-            return
-        # The prompt is in: move its keys/values into the next free row of the batch cache and start decoding.
-        self._prefilling = None
-        row, n = len(self._running), len(req.prompt)
-        self.cache.k[:, row, :n] = self.prefill_cache.k[:, 0, :n]
-        self.cache.v[:, row, :n] = self.prefill_cache.v[:, 0, :n]
-        req.cached = n
-        self._running.append(req)
-        self.metrics.prompt_tokens.inc(n)
-        if self._accept(req, self._sample(logits, [req])[0]):
-            self._release(row)
+    def _prefill(self, group: list[Request]) -> None:
+        """One forward pass over the next chunk of each prompt in the group (right-padded to the longest); once the
+        prompts are complete, their keys/values move into the next free rows and they start decoding."""
+        start = group[0].prefilled  # a group of several prompts always starts, and ends, in this step
+        chunks = [r.prompt[start:start + self.prefill_chunk] for r in group]
+        # Pads go after a prompt's last token, where causal attention keeps its real tokens from seeing them.
+        tokens = torch.zeros(len(group), max(map(len, chunks)), dtype=torch.long)  # (k, T)
+        for i, c in enumerate(chunks):
+            tokens[i, :len(c)] = torch.tensor(c)
+        positions = torch.arange(start, start + tokens.shape[1]).expand_as(tokens)
+        last = torch.tensor([len(c) - 1 for c in chunks])
+        cache = self.long_prefill_cache if len(group) == 1 else self.group_prefill_cache
+        logits = self.model(tokens.to(self.device), positions.to(self.device), cache,
+                            logits_index=last.to(self.device))[:, -1]  # (k, vocab)
+        for req, c in zip(group, chunks):
+            req.prefilled += len(c)
+        if group[0].prefilled < len(group[0].prompt):
+            return  # a long prompt: more chunks next step
+        self._prefilling = []
+        first_row = len(self._running)
+        for i, req in enumerate(group):
+            n = len(req.prompt)
+            self.cache.k[:, first_row + i, :n] = cache.k[:, i, :n]
+            self.cache.v[:, first_row + i, :n] = cache.v[:, i, :n]
+            req.cached = n
+            self._running.append(req)
+            self.metrics.prompt_tokens.inc(n)
+        next_ids = self._sample(logits, group)
+        for i in reversed(range(len(group))):
+            if self._accept(group[i], next_ids[i]):
+                self._release(first_row + i)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         ids = logits.argmax(dim=-1).tolist()  # greedy rows in one go; sampled rows one by one with their own settings
@@ -292,12 +318,3 @@ class Engine:
             self.cache.v[:, i, :n] = self.cache.v[:, len(self._running), :n]
             self._running[i] = last
 
-
-def wait_idle(engine: Engine, timeout: float = 10.0) -> bool:
-    """Block until the engine has nothing waiting or running (tests, shutdown). True if it became idle."""
-    deadline = time.monotonic() + timeout
-    while engine.num_waiting or engine.num_running:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
