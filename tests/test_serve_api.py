@@ -7,6 +7,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -358,3 +362,32 @@ def test_page_is_served_and_self_contained(server):
     for path in ("/", "/static/chat.js", "/static/chat.css"):  # works offline: no CDN, no web font
         text = httpx.get(server.url + path, timeout=10).text
         assert "http://" not in text and "https://" not in text and "@import" not in text
+
+
+def test_cli_verb_serves_with_the_key_from_the_environment(default_gguf_path, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "LLAMA3_API_KEY": KEY}
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "llama3.cli", "serve", "--port", str(port), "--max-context",
+                             "256", "--max-batch", "2", "--threads", "1"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: proc.poll() is None and _healthy(url), timeout=120), \
+            (tmp_path / "server.log").read_text()
+        assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
+        models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
+        assert models["data"][0]["id"] == DEFAULT_MODEL
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+    assert "Finished server process" in (tmp_path / "server.log").read_text()  # SIGTERM shuts down cleanly
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False

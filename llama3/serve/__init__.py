@@ -15,7 +15,8 @@ from ..hub import DEFAULT_MODEL
 
 def serve(*, model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, max_context: int | None = None, max_queue: int = 64, prefill_chunk: int = 256,
-          max_body_bytes: int = 1 << 20, timeout: float = 600.0, dtype: str | None = None) -> None:
+          max_body_bytes: int = 1 << 20, timeout: float = 600.0, dtype: str | None = None,
+          threads: int | None = None) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models) with
     a chat page at /, /health and Prometheus /metrics. Concurrent requests are decoded together (continuous
     batching).
@@ -32,7 +33,9 @@ def serve(*, model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 80
         max_body_bytes: largest request body accepted (HTTP 413 past it)
         timeout: seconds a request may take from arrival to its last token
         dtype: float32, bfloat16 or float16 (default: the checkpoint's; GGUF is dequantized to float32)
+        threads: CPU threads for the model; None keeps torch's default (one per core); fewer helps on a busy machine
     """
+    import torch
     import uvicorn
 
     from ..llama import load
@@ -42,6 +45,8 @@ def serve(*, model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 80
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: serving on {host} without an API key: anyone who can reach this port can use it",
               file=sys.stderr)
+    if threads is not None:
+        torch.set_num_threads(threads)
     llm = load(model, dtype=dtype)
     config = ServeConfig(api_key=api_key, max_batch=max_batch, max_context=max_context, max_queue=max_queue,
                          prefill_chunk=prefill_chunk, max_body_bytes=max_body_bytes, request_timeout=timeout)
