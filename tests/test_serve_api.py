@@ -370,8 +370,9 @@ def test_cli_verb_serves_with_the_key_from_the_environment(default_gguf_path, tm
         port = s.getsockname()[1]
     env = {**os.environ, "LLAMA3_API_KEY": KEY}
     log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "llama3.cli", "serve", "--port", str(port), "--max-context",
-                             "256", "--max-batch", "2", "--threads", "1"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    command = [sys.executable, "-m", "llama3.cli", "serve", "--port", str(port), "--max-context", "256",
+               "--max-batch", "2", "--threads", "1"]
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(lambda: proc.poll() is None and _healthy(url), timeout=120), \

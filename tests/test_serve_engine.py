@@ -121,7 +121,8 @@ def test_seeded_sampling_is_independent_of_the_batch(llm):
     alone.submit([req])
     run_until_done(alone, [rec])
     batched = Engine(llm.model, llm.tokenizer, max_batch=4)
-    others = [make_request(q, 16, params=SamplingParams(temperature=1.0, seed=i)) for i, q in enumerate(prompts(llm, 3))]
+    others = [make_request(q, 16, params=SamplingParams(temperature=1.0, seed=i))
+              for i, q in enumerate(prompts(llm, 3))]
     again = make_request(p, 16, params=params)
     batched.submit([others[0][0], others[1][0], again[0], others[2][0]])
     run_until_done(batched, [r for _, r in others] + [again[1]])
