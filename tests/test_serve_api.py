@@ -276,22 +276,22 @@ def test_server_keeps_serving_after_bad_input(server, client, llm):
 
 def test_disconnect_mid_stream_cancels_and_frees_the_slot(server, llm):
     engine = engine_of(server)
-    long = {"model": llm.name, "prompt": "a", "max_tokens": 200, "ignore_eos": True}  # 10 s at 50 ms a step
+    long = {"model": llm.name, "prompt": "a", "max_tokens": 400, "ignore_eos": True}  # >= 20 s at 50 ms a step
     with slowed(engine, 0.05):
         with httpx.stream("POST", server.url + "/v1/completions", json={**long, "stream": True}, timeout=30) as r:
             assert next(line for line in r.iter_lines() if line.startswith("data:"))
             assert engine.num_running == 1
-        assert wait_until(lambda: engine.num_running == 0 and engine.num_waiting == 0, timeout=2)
+        assert wait_until(lambda: engine.num_running == 0 and engine.num_waiting == 0, timeout=5)
         # A non-streaming client that gives up is cancelled too.
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server.url + "/v1/completions", json=long, timeout=0.5)
-        assert wait_until(lambda: engine.num_running == 0 and engine.num_waiting == 0, timeout=2)
+        assert wait_until(lambda: engine.num_running == 0 and engine.num_waiting == 0, timeout=5)
 
 
 def test_queue_full_gives_429_and_the_server_recovers(llm):
     with start(llm, max_batch=1, max_queue=1) as server:
         engine = engine_of(server)
-        long = {"model": llm.name, "prompt": "a", "max_tokens": 200, "stream": True, "ignore_eos": True}
+        long = {"model": llm.name, "prompt": "a", "max_tokens": 400, "stream": True, "ignore_eos": True}
         with slowed(engine, 0.05), contextlib.ExitStack() as streams:
             for _ in range(2):  # one decoding, one waiting
                 r = streams.enter_context(httpx.stream("POST", server.url + "/v1/completions", json=long, timeout=30))
@@ -300,7 +300,7 @@ def test_queue_full_gives_429_and_the_server_recovers(llm):
             r = httpx.post(server.url + "/v1/completions", json={"model": llm.name, "prompt": "a"}, timeout=10)
             assert r.status_code == 429 and r.json()["error"]["code"] == "server_busy"
             streams.close()  # both clients go away: both requests are cancelled
-            assert wait_until(lambda: engine.num_running == 0 and engine.num_waiting == 0, timeout=2)
+            assert wait_until(lambda: engine.num_running == 0 and engine.num_waiting == 0, timeout=5)
         r = httpx.post(server.url + "/v1/completions", json={"model": llm.name, "prompt": "a", "max_tokens": 3},
                        timeout=10)
         assert r.status_code == 200
@@ -309,14 +309,14 @@ def test_queue_full_gives_429_and_the_server_recovers(llm):
 def test_request_timeout(llm):
     with start(llm, request_timeout=0.3) as server:
         engine = engine_of(server)
-        req = {"model": llm.name, "prompt": "a", "max_tokens": 200, "ignore_eos": True}
-        with slowed(engine, 0.05):  # 10 s for 200 tokens
+        req = {"model": llm.name, "prompt": "a", "max_tokens": 400, "ignore_eos": True}
+        with slowed(engine, 0.05):  # >= 20 s for 400 tokens
             r = httpx.post(server.url + "/v1/completions", json=req, timeout=30)
             assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
-            assert wait_until(lambda: engine.num_running == 0, timeout=2)
+            assert wait_until(lambda: engine.num_running == 0, timeout=5)
             events = httpx.post(server.url + "/v1/completions", json={**req, "stream": True}, timeout=30).text
             assert '"code": "timeout"' in events.split("data: ")[-1] and "[DONE]" not in events
-            assert wait_until(lambda: engine.num_running == 0, timeout=2)
+            assert wait_until(lambda: engine.num_running == 0, timeout=5)
 
 
 # ---- auth, health, metrics, page ---------------------------------------------------------------------------------
@@ -389,6 +389,6 @@ def test_cli_verb_serves_with_the_key_from_the_environment(default_gguf_path, tm
 
 def _healthy(url: str) -> bool:
     try:
-        return httpx.get(url + "/health", timeout=2).status_code == 200
+        return httpx.get(url + "/health", timeout=5).status_code == 200
     except httpx.TransportError:
         return False
