@@ -54,54 +54,58 @@ class ClientGone(Exception):
 
 
 class Generation:
-    """The event-loop side of one API call: its engine requests (n choices per prompt) and their outputs."""
+    """The event-loop side of one API call: its engine requests (n choices per prompt), their outputs, and a watcher
+    that cancels them when the client disconnects or the deadline passes, whether or not anyone reads the outputs."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[int, Output | None]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[int, Output | Exception]] = asyncio.Queue()
         self.requests: list[EngineRequest] = []
+        self.watcher: asyncio.Task | None = None
 
     def emitter(self, index: int) -> Callable[[Output], None]:
         """The callback the engine thread calls with choice `index`'s outputs."""
         return lambda out: self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
 
-    def submit(self, requests: list[EngineRequest]) -> None:
+    def submit(self, requests: list[EngineRequest], request: Request, timeout: float) -> None:
         self.requests = requests
         try:
             self.engine.submit(requests)
         except QueueFull as e:
             raise APIError(429, str(e), type="rate_limit_error", code="server_busy") from None
+        self.watcher = asyncio.create_task(self._watch(request, timeout))
 
-    def cancel(self) -> None:
+    def close(self) -> None:
+        """Stop the watcher and any choice still generating."""
+        if self.watcher is not None:
+            self.watcher.cancel()
         self.engine.cancel(r for r in self.requests if not r.finished)
 
-    async def outputs(self, request: Request, timeout: float) -> AsyncIterator[tuple[int, Output]]:
+    async def outputs(self) -> AsyncIterator[tuple[int, Output]]:
         """(choice index, output) until every choice has finished. Raises ClientGone if the client disconnects and
-        APIError 504 past the timeout; either way the engine stops working on this call."""
-        watcher = asyncio.create_task(self._watch_disconnect(request))
-        deadline = self.loop.time() + timeout
+        APIError 504 past the deadline; however it ends, the engine stops working on this call."""
         remaining = len(self.requests)
         try:
             while remaining:
-                try:  # the deadline guards each wait, not the yields: the consumer's own awaits are not ours to cut
-                    index, out = await asyncio.wait_for(self.queue.get(), deadline - self.loop.time())
-                except TimeoutError:
-                    raise APIError(504, f"the request took longer than {timeout:g} s", type="timeout",
-                                   code="timeout") from None
-                if out is None:
-                    raise ClientGone()
+                index, out = await self.queue.get()
+                if isinstance(out, Exception):
+                    raise out
                 remaining -= out.finish_reason is not None
                 yield index, out
         finally:
-            watcher.cancel()
-            self.cancel()
+            self.close()
 
-    async def _watch_disconnect(self, request: Request) -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        self.cancel()
-        self.queue.put_nowait((-1, None))
+    async def _watch(self, request: Request, timeout: float) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+            reason: Exception = ClientGone()
+        except TimeoutError:
+            reason = APIError(504, f"the request took longer than {timeout:g} s", type="timeout", code="timeout")
+        self.engine.cancel(r for r in self.requests if not r.finished)
+        self.queue.put_nowait((-1, reason))
 
 
 def create_app(llm, config: ServeConfig = ServeConfig()) -> FastAPI:
@@ -181,8 +185,8 @@ def create_app(llm, config: ServeConfig = ServeConfig()) -> FastAPI:
                            param="max_tokens", code="context_length_exceeded")
         return limit or context - longest
 
-    async def generate(request: Request, body: SamplingRequest, prompts: list[list[int]], chat: bool):
-        started = time.perf_counter()
+    async def generate(request: Request, body: SamplingRequest, prompts: list[list[int]], chat: bool,
+                       started: float):
         field = "messages" if chat else "prompt"
         max_tokens = completion_budget(prompts, body.token_limit, field)
         stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
@@ -197,10 +201,11 @@ def create_app(llm, config: ServeConfig = ServeConfig()) -> FastAPI:
                                   emit=gen.emitter(i),
                                   params=SamplingParams(body.temperature, body.top_p, 0,
                                                         None if body.seed is None else (body.seed + j) % 2**63))
-                    for i, (p, j) in enumerate(choices)])
+                    for i, (p, j) in enumerate(choices)],
+                   request, timeout=config.request_timeout - (time.perf_counter() - started))
         prompt_tokens = sum(len(p) for p in prompts)
         reply = Reply(chat, new_id("chatcmpl" if chat else "cmpl"), name, len(choices))
-        outputs = timed(gen.outputs(request, config.request_timeout), started, metrics)
+        outputs = timed(gen.outputs(), started, metrics)
         if body.stream:
             return StreamingResponse(stream(reply, outputs, prompt_tokens, body.include_usage),
                                      media_type="text/event-stream",
@@ -230,6 +235,7 @@ def create_app(llm, config: ServeConfig = ServeConfig()) -> FastAPI:
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
+        started = time.perf_counter()
         body = ChatCompletionRequest.parse(await read_json(request))
         check_model(body.model)
         messages = [m.as_dict() for m in body.messages]
@@ -237,10 +243,11 @@ def create_app(llm, config: ServeConfig = ServeConfig()) -> FastAPI:
             prompt = await run_in_threadpool(llm.encode_chat, messages)
         except (ValueError, jinja2.TemplateError) as e:
             raise APIError(400, f"cannot format these messages: {e}", param="messages") from None
-        return await generate(request, body, [prompt], chat=True)
+        return await generate(request, body, [prompt], chat=True, started=started)
 
     @v1.post("/completions")
     async def completions(request: Request):
+        started = time.perf_counter()
         body = CompletionRequest.parse(await read_json(request))
         check_model(body.model)
         prompt = body.prompt
@@ -254,7 +261,7 @@ def create_app(llm, config: ServeConfig = ServeConfig()) -> FastAPI:
         ids = [p if isinstance(p, list) else await run_in_threadpool(llm.encode_prompt, p) for p in prompt]
         if any(not p for p in ids):
             raise APIError(400, "'prompt' is empty", param="prompt")
-        return await generate(request, body, ids, chat=False)
+        return await generate(request, body, ids, chat=False, started=started)
 
     app.include_router(v1)
 
