@@ -135,8 +135,9 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=30)
 
-    print(f"model {args.model}, {args.max_tokens} tokens per stream, torch threads: "
-          f"{os.environ.get('OMP_NUM_THREADS', 'default')}, cpus: {os.cpu_count()}\n")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"model {args.model}, {args.max_tokens} tokens per stream, server options: "
+          f"{' '.join(args.server_args) or 'defaults'}, {os.cpu_count()} cpus, load average {load}\n")
     print("| streams | output tok/s | TTFT p50 / p95 (ms) | per-token p50 / p95 (ms) | inter-chunk p50 / p95 (ms) |")
     print("|---|---|---|---|---|")
     for r in rows:
