@@ -250,6 +250,29 @@ def test_bad_request_gets_a_clean_error(server, case):
                                                                                      "code"}
 
 
+def test_oversized_chunked_body_is_cut_off(server):
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        yield b'{"model": "%s", "prompt": "' % M
+        for _ in range(100):
+            yield b"x" * 1024
+        yield b'"}'
+    r = httpx.post(server.url + "/v1/completions", content=chunks(), timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_slow_body_times_out(llm):
+    with start(llm, body_timeout=0.5) as server, socket.create_connection((server.host, server.port), 10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"model\": ")  # ... and the rest never comes
+        sock.settimeout(10)
+        response = b""
+        while b"\r\n\r\n" not in response or not response.rstrip().endswith(b"}"):
+            if not (data := sock.recv(4096)):
+                break
+            response += data
+        assert response.startswith(b"HTTP/1.1 408") and b'"code":"timeout"' in response
+
+
 def test_unknown_route_and_method_are_json_errors(server):
     r = httpx.get(server.url + "/v1/nothing", timeout=10)
     assert r.status_code == 404 and "error" in r.json()
