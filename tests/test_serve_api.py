@@ -377,6 +377,14 @@ def test_health_and_metrics(server, client, llm):
     assert values["llama3_queue_depth"] == 0 and values["llama3_running_requests"] == 0
 
 
+def test_a_stopped_engine_shows_in_health_and_answers_503(llm):
+    with start(llm) as server:
+        engine_of(server).stop()
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 503
+        r = httpx.post(server.url + "/v1/completions", json={"model": llm.name, "prompt": "a"}, timeout=10)
+        assert r.status_code == 503 and "engine" in r.json()["error"]["message"]
+
+
 def test_page_is_served_and_self_contained(server):
     page = httpx.get(server.url + "/", timeout=10)
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]

@@ -70,6 +70,8 @@ class Generation:
 
     def submit(self, requests: list[EngineRequest], request: Request, timeout: float) -> None:
         self.requests = requests
+        if not self.engine.alive:
+            raise APIError(503, "the generation engine has stopped; see the server log", type="server_error")
         try:
             self.engine.submit(requests)
         except QueueFull as e:
