@@ -400,21 +400,20 @@ def test_cli_verb_serves_with_the_key_from_the_environment(default_gguf_path, tm
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "LLAMA3_API_KEY": KEY}
-    log = open(tmp_path / "server.log", "w")
     command = [sys.executable, "-m", "llama3.cli", "serve", "--port", str(port), "--max-context", "256",
                "--max-batch", "2", "--threads", "1"]
-    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        assert wait_until(lambda: proc.poll() is None and _healthy(url), timeout=120), \
-            (tmp_path / "server.log").read_text()
-        assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
-        models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
-        assert models["data"][0]["id"] == DEFAULT_MODEL
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+    with open(tmp_path / "server.log", "w") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            assert wait_until(lambda: proc.poll() is None and _healthy(url), timeout=120), \
+                (tmp_path / "server.log").read_text()
+            assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
+            models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
+            assert models["data"][0]["id"] == DEFAULT_MODEL
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
     assert "Finished server process" in (tmp_path / "server.log").read_text()  # SIGTERM shuts down cleanly
 
 

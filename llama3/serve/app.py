@@ -30,8 +30,8 @@ from ..generate import SamplingParams
 from .engine import Engine, Output, QueueFull
 from .engine import Request as EngineRequest
 from .metrics import ServeMetrics
-from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingRequest, model_card, new_id, now,
-                       parse_json, usage)
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, Reply, SamplingRequest, model_card,
+                       new_id, now, parse_json, usage)
 
 log = logging.getLogger("llama3.serve")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -110,8 +110,9 @@ class Generation:
         self.queue.put_nowait((-1, reason))
 
 
-def create_app(llm, config: ServeConfig = ServeConfig()) -> FastAPI:
+def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
     """The server for one loaded model (`llama3.load(...)`); its engine starts and stops with the app."""
+    config = config or ServeConfig()
     name = llm.name or "llama3"
     created = now()
     metrics = ServeMetrics()
@@ -285,37 +286,6 @@ def create_app(llm, config: ServeConfig = ServeConfig()) -> FastAPI:
     return app
 
 
-class Reply:
-    """The JSON shapes of one API call's answer: chat or text completion, whole or streamed in chunks."""
-
-    def __init__(self, chat: bool, id: str, model: str, n: int):
-        self.chat, self.id, self.model, self.n, self.created = chat, id, model, n, now()
-
-    def _envelope(self, object: str, choices: list[dict], **extra) -> dict:
-        return {"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": choices,
-                **extra}
-
-    def full(self, texts: list[str], reasons: list[str], usage: dict) -> dict:
-        if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r,
-                        "logprobs": None} for i, (t, r) in enumerate(zip(texts, reasons))]
-            return self._envelope("chat.completion", choices, usage=usage)
-        choices = [{"index": i, "text": t, "finish_reason": r, "logprobs": None}
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
-        return self._envelope("text_completion", choices, usage=usage)
-
-    def chunk(self, index: int, text: str | None = None, finish_reason: str | None = None, role: bool = False) -> dict:
-        if self.chat:
-            delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-            choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-            return self._envelope("chat.completion.chunk", [choice])
-        choice = {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
-        return self._envelope("text_completion", [choice])
-
-    def usage_chunk(self, usage: dict) -> dict:
-        return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [], usage=usage)
-
-
 def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -408,7 +378,7 @@ class BackgroundServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         self.thread.start()
         deadline = time.monotonic() + self.start_timeout
         while not self.server.started:

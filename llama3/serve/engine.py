@@ -55,7 +55,7 @@ class Request:
     """
 
     def __init__(self, prompt: list[int], *, max_tokens: int, emit: Callable[[Output], None],
-                 params: SamplingParams = SamplingParams(), stop: Iterable[str] = (), ignore_eos: bool = False):
+                 params: SamplingParams | None = None, stop: Iterable[str] = (), ignore_eos: bool = False):
         if not prompt:
             raise ValueError("the prompt needs at least one token")
         if max_tokens < 1:
@@ -63,7 +63,7 @@ class Request:
         self.prompt = list(prompt)
         self.max_tokens = max_tokens
         self.emit = emit
-        self.params = params
+        self.params = params or SamplingParams()
         self.stop = list(stop)
         self.ignore_eos = ignore_eos
         self.cancelled = False  # set by any thread, read by the engine thread
@@ -110,7 +110,7 @@ class Engine:
 
     # ---- the caller's side (any thread) ----------------------------------------------------------------------------
 
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         self._thread = threading.Thread(target=self._run, name="llama3-engine", daemon=True)
         self._thread.start()
         return self

@@ -143,3 +143,34 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 def model_card(name: str, created: int) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": "llama3"}
+
+
+class Reply:
+    """The JSON shapes of one API call's answer: chat or text completion, whole or streamed in chunks."""
+
+    def __init__(self, chat: bool, id: str, model: str, n: int):
+        self.chat, self.id, self.model, self.n, self.created = chat, id, model, n, now()
+
+    def _envelope(self, object: str, choices: list[dict], **extra) -> dict:
+        return {"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": choices,
+                **extra}
+
+    def full(self, texts: list[str], reasons: list[str], usage: dict) -> dict:
+        if self.chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r,
+                        "logprobs": None} for i, (t, r) in enumerate(zip(texts, reasons))]
+            return self._envelope("chat.completion", choices, usage=usage)
+        choices = [{"index": i, "text": t, "finish_reason": r, "logprobs": None}
+                   for i, (t, r) in enumerate(zip(texts, reasons))]
+        return self._envelope("text_completion", choices, usage=usage)
+
+    def chunk(self, index: int, text: str | None = None, finish_reason: str | None = None, role: bool = False) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+            choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            return self._envelope("chat.completion.chunk", [choice])
+        choice = {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+        return self._envelope("text_completion", [choice])
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [], usage=usage)
