@@ -173,7 +173,7 @@ def test_sixteen_concurrent_streams_match_single_requests(server, llm):
 
     def run(prompt):
         c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        chunks = c.completions.create(model=llm.name, prompt=prompt, max_tokens=16, temperature=0, stream=True,
+        chunks = c.completions.create(model=llm.name, prompt=prompt, max_tokens=10, temperature=0, stream=True,
                                       stream_options={"include_usage": True})
         chunks = list(chunks)
         return "".join(ch.choices[0].text for ch in chunks if ch.choices), chunks[-1].usage.completion_tokens
