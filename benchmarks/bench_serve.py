@@ -6,7 +6,9 @@ token and per-token latency (p50/p95), measured against `llama3 serve` over HTTP
 
 Every stream asks for exactly --max-tokens tokens (greedy, `ignore_eos`), so each level does the same work per
 stream; the streams of one level start together. The server runs in its own process so the client's work does not
-share its interpreter. Prints a markdown table and the 8-stream / 1-stream throughput ratio.
+share its interpreter. Prints a markdown table and the N-stream / 1-stream throughput ratios; with --engine-alone
+also the engine's own throughput without HTTP (stepped in this process), which separates batching efficiency from
+the cost of the web side and the client on a small machine.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ import httpx
 
 TOPICS = ["the sea", "a lighthouse", "mountains", "a library", "the moon", "a garden", "trains", "winter",
           "a city at night", "an old clock", "bread", "rivers", "a violin", "the desert", "bees", "a harbour"]
+
+
+def poem_request(i: int) -> str:
+    return f"Write a poem about {TOPICS[i % len(TOPICS)]}."
 
 
 @dataclass
@@ -47,7 +53,7 @@ class StreamResult:
 async def one_stream(client: httpx.AsyncClient, model: str, i: int, max_tokens: int) -> StreamResult:
     # Plain httpx and json rather than the openai client: on a small machine the client's own parsing would
     # compete with the server for the same cores and blur the measurement.
-    body = {"model": model, "messages": [{"role": "user", "content": f"Write a poem about {TOPICS[i % len(TOPICS)]}."}],
+    body = {"model": model, "messages": [{"role": "user", "content": poem_request(i)}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
             "ignore_eos": True}
     result = StreamResult(started=time.perf_counter())
@@ -89,6 +95,25 @@ async def run_level(url: str, model: str, streams: int, max_tokens: int) -> dict
             "itl_p50_ms": 1000 * percentile(gaps, 0.5), "itl_p95_ms": 1000 * percentile(gaps, 0.95)}
 
 
+def engine_alone(model: str, streams: list[int], max_tokens: int) -> dict[int, float]:
+    """Output tokens/s of the batching engine stepped on this thread, without HTTP: what the server could reach if
+    its web side cost nothing."""
+    import llama3
+    from llama3.serve.engine import Engine, Request
+    llm = llama3.load(model)
+    results = {}
+    for n in [1, *streams]:  # the first round warms up
+        engine = Engine(llm.model, llm.tokenizer, max_batch=max(streams), max_context=2048)
+        requests = [Request(llm.encode_chat([{"role": "user", "content": poem_request(i)}]), max_tokens=max_tokens,
+                            ignore_eos=True, emit=lambda out: None) for i in range(n)]
+        start = time.perf_counter()
+        engine.submit(requests)
+        while not all(r.finished for r in requests):
+            engine.step()
+        results[n] = n * max_tokens / (time.perf_counter() - start)
+    return results
+
+
 def start_server(model: str, max_batch: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -117,11 +142,16 @@ def main() -> None:
     parser.add_argument("--url", help="benchmark this running server instead of starting one")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, help="CPU threads for the model (server and engine alone)")
+    parser.add_argument("--engine-alone", action="store_true",
+                        help="also measure the engine without HTTP, stepped in this process")
     parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
                         help="extra `llama3 serve` options, e.g. --server-args --max-context 2048")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
+    if args.threads:
+        args.server_args += ["--threads", str(args.threads)]
     proc = None
     url = args.url
     if url is None:
@@ -133,20 +163,32 @@ def main() -> None:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
+    alone = {}
+    if args.engine_alone:
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
+        alone = engine_alone(args.model, args.streams, args.max_tokens)
 
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"model {args.model}, {args.max_tokens} tokens per stream, server options: "
           f"{' '.join(args.server_args) or 'defaults'}, {os.cpu_count()} cpus, load average {load}\n")
-    print("| streams | output tok/s | TTFT p50 / p95 (ms) | per-token p50 / p95 (ms) | inter-chunk p50 / p95 (ms) |")
-    print("|---|---|---|---|---|")
+    print("| streams | output tok/s | TTFT p50 / p95 (ms) | per-token p50 / p95 (ms) | inter-chunk p50 / p95 (ms) "
+          "| engine alone tok/s |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
+        r["engine_alone_tok_per_s"] = alone.get(r["streams"])
+        engine = f"{alone[r['streams']]:.1f}" if alone else "-"
         print(f"| {r['streams']} | {r['tok_per_s']:.1f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p95_ms']:.0f} "
-              f"| {r['tpot_p50_ms']:.1f} / {r['tpot_p95_ms']:.1f} | {r['itl_p50_ms']:.1f} / {r['itl_p95_ms']:.1f} |")
+              f"| {r['tpot_p50_ms']:.1f} / {r['tpot_p95_ms']:.1f} | {r['itl_p50_ms']:.1f} / {r['itl_p95_ms']:.1f} "
+              f"| {engine} |")
     base = next((r for r in rows if r["streams"] == 1), None)
     if base:
         for r in rows:
             if r["streams"] > 1:
                 print(f"\n{r['streams']} streams / 1 stream: {r['tok_per_s'] / base['tok_per_s']:.2f}x", end="")
+                if alone:
+                    print(f" (engine alone: {alone[r['streams']] / alone[1]:.2f}x)", end="")
         print()
     if args.json:
         with open(args.json, "w") as f:
