@@ -1,0 +1,137 @@
+"""Autoregressive generation: sampling, batched prompts of different lengths over a static KV cache, and streaming
+text that never splits a multi-byte character or shows part of a stop string."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .model import KVCache, Transformer
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k cut
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
+    """logits (B, V) -> next token ids (B,)."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token when the tokens ranked above it already cover top_p; the most likely one always stays.
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs > params.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def check_prompt_lengths(prompts: list[list[int]], context: int) -> None:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    if longest >= context:
+        raise ValueError(f"the prompt has {longest} tokens but the model's context is {context} tokens; "
+                         f"shorten it to at most {context - 1}")
+
+
+@torch.inference_mode()
+def generate_tokens(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int,
+                    params: SamplingParams = SamplingParams(), stop_ids: Iterable[int] = (),
+                    max_seq_len: int | None = None) -> Iterator[list[int | None]]:
+    """Yield one step at a time: the new token of each prompt, or None once that prompt has stopped.
+
+    Prompts are right-padded into one batch; each row keeps its own positions, so a row's result is the same as
+    running it alone. Pad slots in the cache lie past the row's position and are overwritten before they are seen.
+    """
+    context = max_seq_len or model.args.max_seq_len
+    check_prompt_lengths(prompts, context)
+    device = model.tok_embeddings.weight.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    T = int(lengths.max())
+    max_new_tokens = min(max_new_tokens, context - T)
+    if max_new_tokens <= 0:
+        return
+    B = len(prompts)
+    cache = KVCache(model.args, B, T + max_new_tokens, dtype=model.tok_embeddings.weight.dtype, device=device)
+    tokens = torch.zeros(B, T, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+    positions = torch.arange(T, device=device).expand(B, T)
+    logits = model(tokens, positions, cache, logits_index=lengths - 1)[:, -1]
+    generator = make_generator(params.seed, device)
+    stop = set(stop_ids)
+    done = [False] * B
+    for step in range(max_new_tokens):
+        next_tokens = sample(logits, params, generator)
+        ids = next_tokens.tolist()
+        yield [None if d else t for d, t in zip(done, ids)]
+        done = [d or t in stop for d, t in zip(done, ids)]
+        if all(done) or step == max_new_tokens - 1:
+            return
+        positions = (lengths + step)[:, None]
+        logits = model(next_tokens[:, None], positions, cache)[:, -1]
+
+
+class TextStream:
+    """Turns generated ids into text increments. Holds back an incomplete UTF-8 character and any tail that could
+    be the start of a stop string; cuts the text at the first stop string."""
+
+    def __init__(self, tokenizer, stop: Iterable[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids)
+        for s in self.stop:
+            i = self.text.find(s)
+            if i >= 0:
+                self.text, self.stopped = self.text[:i], True
+        if self.stopped:
+            return self._emit(len(self.text))
+        safe = len(self.text.rstrip("\ufffd"))
+        # Keep back the longest tail that could still grow into a stop string.
+        hold = max((k for s in self.stop for k in range(1, min(len(s) - 1, safe) + 1)
+                    if self.text[safe - k:safe] == s[:k]), default=0)
+        return self._emit(safe - hold)
+
+    def finish(self) -> str:
+        return self._emit(len(self.text))
+
+    def _emit(self, end: int) -> str:
+        end = max(end, self.emitted)
+        delta, self.emitted = self.text[self.emitted:end], end
+        return delta

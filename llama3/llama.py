@@ -1,0 +1,119 @@
+"""`llama3.load(source)` -> `Llama`: a model with its tokenizer and chat format, ready to generate and chat."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .args import ModelArgs
+from .generate import SamplingParams, TextStream, generate_tokens
+from .hub import resolve
+from .model import Transformer
+from .weights import Checkpoint, WeightsError, check_state_dict, read_checkpoint
+
+
+def build_model(ckpt: Checkpoint, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                source: str = "") -> Transformer:
+    """Create the model on the meta device and adopt the checkpoint's tensors, so no weights exist twice."""
+    with torch.device("meta"):
+        model = Transformer(ckpt.args)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if ckpt.args.tie_embeddings:
+        expected.pop("output.weight")
+    check_state_dict(ckpt.state_dict, expected, source or ckpt.format)
+    if dtype is None:
+        dtype = ckpt.state_dict["tok_embeddings.weight"].dtype
+        if not dtype.is_floating_point or dtype == torch.float16 and torch.device(device).type == "cpu":
+            dtype = torch.float32
+    state = {k: v.to(device=device, dtype=dtype) for k, v in ckpt.state_dict.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if ckpt.args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval().requires_grad_(False)
+
+
+class Llama:
+    def __init__(self, model: Transformer, tokenizer, chat_format=None, name: str = ""):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chat_format = chat_format
+        self.name = name
+
+    @property
+    def args(self) -> ModelArgs:
+        return self.model.args
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, bos=getattr(self.tokenizer, "add_bos", True))
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        if self.chat_format is None:
+            raise ValueError(f"{self.name or 'this model'} has no chat format (no chat template in the checkpoint)")
+        return self.chat_format.encode_dialog_prompt(messages)
+
+    def stream_batch(self, prompt_ids: list[list[int]], *, max_new_tokens: int = 256, temperature: float = 0.0,
+                     top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                     stop: list[str] | str | None = None) -> Iterator[list[str]]:
+        """Decode prompts together; yield each prompt's new text (maybe empty) after every step."""
+        stops = [stop] if isinstance(stop, str) else stop or ()
+        streams = [TextStream(self.tokenizer, stops) for _ in prompt_ids]
+        finished = [False] * len(prompt_ids)
+        params = SamplingParams(temperature, top_p, top_k, seed)
+        for step in generate_tokens(self.model, prompt_ids, max_new_tokens=max_new_tokens, params=params,
+                                    stop_ids=self.tokenizer.stop_ids):
+            deltas = [""] * len(prompt_ids)
+            for i, token in enumerate(step):
+                if token is None or finished[i]:
+                    continue
+                if token in self.tokenizer.stop_ids:  # end of turn: not part of the text
+                    finished[i] = True
+                else:
+                    deltas[i] = streams[i].push(token)
+                    finished[i] = streams[i].stopped
+            yield deltas
+            if all(finished):
+                break
+        yield [s.finish() for s in streams]
+
+    def stream_ids(self, prompt_ids: list[int], **kwargs) -> Iterator[str]:
+        """Text increments of one completion as they are generated."""
+        for (delta,) in self.stream_batch([prompt_ids], **kwargs):
+            if delta:
+                yield delta
+
+    def complete_ids(self, prompt_ids: list[list[int]], **kwargs) -> list[str]:
+        texts = [""] * len(prompt_ids)
+        for deltas in self.stream_batch(prompt_ids, **kwargs):
+            texts = [t + d for t, d in zip(texts, deltas)]
+        return texts
+
+    def generate(self, prompts: str | list[str], **kwargs) -> str | list[str]:
+        """Raw completions; a list of prompts is decoded together as one batch. Keyword arguments: max_new_tokens,
+        temperature (0 = greedy), top_p, top_k, seed, stop (a string or list of strings)."""
+        single = isinstance(prompts, str)
+        texts = self.complete_ids([self.encode_prompt(p) for p in ([prompts] if single else prompts)], **kwargs)
+        return texts[0] if single else texts
+
+    def chat(self, messages: list[dict], **kwargs) -> str:
+        """The assistant's reply to OpenAI-style messages [{"role": ..., "content": ...}]."""
+        return self.complete_ids([self.encode_chat(messages)], **kwargs)[0]
+
+    def stream_chat(self, messages: list[dict], **kwargs) -> Iterator[str]:
+        return self.stream_ids(self.encode_chat(messages), **kwargs)
+
+
+def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> Llama:
+    """Load a Meta directory, HF directory, .gguf file, or a known model name (pulled on first use)."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    path = resolve(source)
+    ckpt = read_checkpoint(path)
+    if ckpt.tokenizer is None:
+        raise WeightsError(f"{path}: no tokenizer found next to the weights")
+    model = build_model(ckpt, dtype, device, str(path))
+    from .tokenizer import chat_format_for
+    chat_format = chat_format_for(ckpt.tokenizer, ckpt.chat_template)
+    return Llama(model, ckpt.tokenizer, chat_format, name=str(source) if isinstance(source, str) else Path(source).name)
