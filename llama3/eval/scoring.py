@@ -102,14 +102,19 @@ class Scorer:
         return scores  # type: ignore[return-value]
 
     def _batches(self, keys: list[tuple]) -> list[list[tuple]]:
-        """Up to batch_size rows, and few enough scored positions that the logits stay within the budget."""
+        """Up to batch_size rows, and few enough scored positions that the logits stay within the budget. A
+        batch also ends where the next row would cut the prefix its rows share to less than half (the k-shot
+        examples of the next MMLU subject start a new batch rather than losing this one's shared prefix)."""
         budget = max(1, self.logits_budget // self.vocab_size)
-        batches, batch, positions = [], [], 0
+        batches, batch, positions, shared = [], [], 0, 0
         for key in keys:
             width = len(key[1]) + 1
-            if batch and (len(batch) == self.batch_size or (len(batch) + 1) * max(positions, width) > budget):
+            common = _common_prefix_length([batch[0][0], key[0]]) if batch else 0
+            if batch and (len(batch) == self.batch_size or (len(batch) + 1) * max(positions, width) > budget
+                          or (len(batch) > 1 and common < shared // 2)):
                 batches.append(batch)
                 batch, positions = [], 0
+            shared = common if len(batch) == 1 else min(shared, common) if batch else 0
             batch.append(key)
             positions = max(positions, width)
         return batches + [batch] if batch else batches
