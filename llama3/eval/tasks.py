@@ -75,7 +75,7 @@ def task_root(task: Task, data_dir: Path | None, explicit: Path | None = None) -
     return root
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalOptions:
     shots: int | None = None  # None: the task's published setting
     limit: int | None = None  # first N items only
@@ -89,10 +89,11 @@ class EvalOptions:
     sandbox: SandboxLimits = SandboxLimits()
 
 
-def evaluate(model, spec: str, data_dir: Path | None = None, options: EvalOptions = EvalOptions(),
+def evaluate(model, spec: str, data_dir: Path | None = None, options: EvalOptions | None = None,
              progress_factory: Callable[[str, int], Callable[[int], None]] | None = None) -> TaskResult:
     """Run one task on a `Llama` (or anything with .model, .tokenizer, .encode_prompt, .encode_chat and
     .complete_ids). progress_factory(description, total) returns a callback for units done."""
+    options = options or EvalOptions()
     task, explicit = parse_task(spec)
     root = task_root(task, data_dir, explicit)
     if options.chat and task.kind == "perplexity":
