@@ -8,7 +8,7 @@ from pathlib import Path
 
 from llama3.eval.results import TaskResult, format_table, plot_comparison, to_json
 from llama3.eval.sandbox import SandboxLimits
-from llama3.eval.tasks import TASKS, EvalOptions, TaskError, evaluate
+from llama3.eval.tasks import TASKS, EvalOptions, TaskError, evaluate, parse_task, task_root
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -60,6 +60,9 @@ def cli_eval(args: argparse.Namespace) -> dict[str, list[TaskResult]]:
         raise TaskError("--tasks is empty")
     if args.tasks.strip() == "all":
         specs = [t for t in specs if not t.startswith("gpqa_")]  # variants of gpqa, each needs its own file
+    for spec in specs:  # bad task names and missing folders fail before any model loads
+        task, explicit = parse_task(spec)
+        task_root(task, args.data_dir, explicit)
     models = [m.strip() for m in (args.model or DEFAULT_MODEL).split(",") if m.strip()]
     options = EvalOptions(shots=args.shots, limit=args.limit, chat=args.chat, batch_size=args.batch_size,
                           samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
