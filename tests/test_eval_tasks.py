@@ -215,3 +215,14 @@ def test_cli_writes_table_json_and_png(llama, tmp_path, monkeypatch, capsys):
         assert image.size[0] > 300 and image.format == "PNG"
     assert eval_main(["eval", "--model", "tiny-a", "--tasks", "nope", "--quiet"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_default_model_on_the_samples(default_gguf_path):
+    from llama3.llama import load
+
+    llama = load(str(default_gguf_path))
+    text = evaluate(llama, "perplexity")
+    assert text.metrics["bits_per_byte"] < 1.2  # 0.88 measured; a random model is near 17
+    easy = evaluate(llama, "arc_easy")
+    assert easy.metrics["acc"] >= 0.5  # 0.75 measured on the four sample questions
