@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Verb groups with sub-commands build their own parsers next to their code.
     from .data.prepare import add_data_parser, cli_data
     add_data_parser(sub).set_defaults(_run=cli_data)
+    from .eval.cli import add_eval_parser, cli_eval
+    add_eval_parser(sub).set_defaults(_run=cli_eval)
     return parser
 
 
