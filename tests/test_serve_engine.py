@@ -263,3 +263,10 @@ def test_a_failing_forward_pass_fails_its_requests_and_the_engine_goes_on(llm, m
     finally:
         engine.stop()
     assert not engine.alive
+
+
+@pytest.mark.parametrize("settings", [dict(max_batch=0), dict(max_queue=-1), dict(prefill_chunk=0),
+                                      dict(max_context=0)])
+def test_bad_engine_settings_are_refused(llm, settings):
+    with pytest.raises(ValueError, match="need max_batch"):
+        Engine(llm.model, llm.tokenizer, **settings)

@@ -154,17 +154,17 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
 
     async def read_json(request: Request):
         limit = config.max_body_bytes
+        too_large = APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+            raise too_large
         chunks, size = [], 0
         try:
             async with asyncio.timeout(config.body_timeout):
-                async for chunk in request.stream():
+                async for chunk in request.stream():  # counted as it arrives: a chunked body has no length header
                     size += len(chunk)
                     if size > limit:
-                        raise APIError(413, f"the request body is larger than {limit} bytes",
-                                       code="request_too_large")
+                        raise too_large
                     chunks.append(chunk)
         except TimeoutError:
             raise APIError(408, f"the request body did not arrive within {config.body_timeout:g} s",

@@ -84,8 +84,9 @@ class Request:
 class Engine:
     def __init__(self, model: Transformer, tokenizer, *, max_batch: int = 8, max_context: int | None = None,
                  max_queue: int = 64, prefill_chunk: int = 256, metrics: ServeMetrics | None = None):
-        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
-            raise ValueError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or (max_context is not None and max_context < 2):
+            raise ValueError(f"need max_batch >= 1, max_queue >= 0, prefill_chunk >= 1 and max_context >= 2; got "
+                             f"{max_batch}, {max_queue}, {prefill_chunk} and {max_context}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
