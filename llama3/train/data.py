@@ -1,0 +1,89 @@
+"""What the trainer needs from data: iterators of (inputs, targets, positions) batches that can save and restore
+their position. Real corpora come from `llama3.data`; `SyntheticTokens` is a learnable random stream for tests and
+benchmarks.
+
+Both follow one rule so that the parallel layout does not change the data: global batch k is the rows
+[k * B * W, (k + 1) * B * W) of the stream, and data-parallel rank r takes the r-th block of B rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class SyntheticTokens:
+    """Random documents a model can learn: each token is one of 4 successors of the previous one.
+
+    The vocabulary is put on one random cycle and every next token is 1-4 places further along it, so the best
+    possible loss is ln 4 ~ 1.39 while a fresh model starts near ln(vocab_size). Documents end at random (mean
+    length `mean_doc_len`); positions restart at 0 at each document. Row n of split s is a pure function of
+    (seed, s, n), so any batch can be rebuilt from the step number alone.
+    """
+
+    def __init__(self, vocab_size: int, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, *, split: str = "train", mean_doc_len: int = 64):
+        self.vocab_size, self.batch_size, self.seq_len = vocab_size, batch_size, seq_len
+        self.rank, self.world_size, self.seed, self.split = rank, world_size, seed, split
+        self.mean_doc_len = mean_doc_len
+        self.cycle = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))
+        self.step = 0
+
+    def row(self, n: int) -> tuple[Tensor, Tensor]:
+        """Row n of the stream: seq_len + 1 tokens and the position of each within its document."""
+        split_id = ("train", "val").index(self.split)
+        g = torch.Generator().manual_seed((((self.seed * 2 + split_id) << 40) + n) % 2**63)
+        T = self.seq_len + 1
+        start = torch.randint(self.vocab_size, (1,), generator=g)
+        hops = torch.randint(1, 5, (T,), generator=g)
+        hops[0] = 0
+        tokens = self.cycle[(start + hops.cumsum(0)) % self.vocab_size]
+        new_doc = torch.rand(T, generator=g) < 1 / self.mean_doc_len
+        new_doc[0] = True
+        index = torch.arange(T)
+        doc_start = torch.where(new_doc, index, 0).cummax(0).values
+        tokens = torch.where(new_doc, self.cycle[torch.randint(self.vocab_size, (T,), generator=g)], tokens)
+        return tokens, index - doc_start
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[Tensor, Tensor, Tensor]:
+        first = (self.step * self.world_size + self.rank) * self.batch_size
+        rows = [self.row(n) for n in range(first, first + self.batch_size)]
+        self.step += 1
+        tokens = torch.stack([r[0] for r in rows])  # (B, T + 1)
+        positions = torch.stack([r[1] for r in rows])
+        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), positions[:, :-1].contiguous()
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "batch_size", "world_size"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"data state was saved with {key}={state[key]!r}, this run has {getattr(self, key)!r}")
+        self.step = int(state["step"])
+
+
+def build_loader(dataset: str, *, vocab_size: int, batch_size: int, seq_len: int, rank: int, world_size: int,
+                 seed: int, split: str, val_fraction: float):
+    """The batches of one split for one data-parallel rank, each (inputs, targets, positions)."""
+    if dataset == "synthetic":
+        return SyntheticTokens(vocab_size, batch_size, seq_len, rank, world_size, seed, split=split)
+    from ..data import TokenLoader, prepare_default_corpus
+    data_dir = prepare_default_corpus() if dataset == "default" else dataset
+    return TokenLoader(data_dir, batch_size, seq_len, rank, world_size, seed, split=split, val_fraction=val_fraction,
+                       shuffle=split == "train", return_positions=True)
+
+
+def document_mask(positions: Tensor) -> Tensor:
+    """(B, T) positions restarting at 0 at each document -> (B, 1, T, T) boolean mask: causal and same document.
+
+    A document starts wherever the position is 0; tokens before the row's first start belong to the document the
+    row began inside of."""
+    doc = (positions == 0).cumsum(dim=1)  # (B, T) document number within the row
+    same_doc = doc[:, :, None] == doc[:, None, :]
+    T = positions.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()
+    return (same_doc & causal)[:, None]
