@@ -84,7 +84,7 @@ class ParallelConfig:
 @dataclass
 class EvalConfig:
     every: int = 50  # validation every N steps (0: only at the end, negative: never)
-    steps: int = 4  # batches of validation per evaluation
+    steps: int = 4  # global batches (training.batch_size sequences) of validation data per evaluation
 
 
 @dataclass

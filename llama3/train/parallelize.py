@@ -28,7 +28,12 @@ MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 def build_mesh(layout: Layout, device_type: str) -> DeviceMesh:
     shape = (layout.pp, layout.dp_replicate, layout.dp_shard, layout.tp)
-    return init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+    # Reducing a DTensor over FSDP x TP parameters (the gradient norm) takes one collective over the flattened
+    # dimensions when the mesh knows them, instead of one per dimension.
+    mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
+    mesh["dp_replicate", "dp_shard", "tp"]._flatten("dp_tp")
+    return mesh
 
 
 def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:

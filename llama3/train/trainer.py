@@ -268,10 +268,11 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> float:
-        """Mean loss over eval.steps validation batches; the same batches every time."""
+        """Mean loss over eval.steps global batches of validation data; the same batches every time."""
         self.val_data.load_state_dict(self.val_start)
         total = torch.zeros((), device=self.device)
-        for _ in range(self.cfg.eval.steps):
+        n_batches = self.cfg.eval.steps * self.layout.grad_accum
+        for _ in range(n_batches):
             inputs, targets, positions = self.next_batch(self.val_data)
             if self.pipelined:
                 losses = []
@@ -281,7 +282,7 @@ class Trainer:
                     total += torch.stack(losses).sum()
             else:
                 total += plain(self.forward_loss(inputs, targets, positions))
-        return self.mean_over_data_parallel(total / self.cfg.eval.steps)
+        return self.mean_over_data_parallel(total / n_batches)
 
     # ---- the loop ------------------------------------------------------------------------------------------------
 
@@ -358,7 +359,8 @@ class Trainer:
 
 
 class _Progress:
-    """The non-tensor training state: step, learning-rate schedule and the data position of this rank."""
+    """The non-tensor training state: step, learning-rate schedule and data position. The loaders' positions
+    count global batches, so every rank holds the same state and one copy is saved."""
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
@@ -366,14 +368,14 @@ class _Progress:
     def state_dict(self) -> dict:
         t = self.trainer
         return {"step": t.step, "schedulers": [s.state_dict() for s in t.schedulers],
-                f"data_dp{t.dp_rank}": t.train_data.state_dict()}
+                "data": t.train_data.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         t = self.trainer
         t.step = state["step"]
         for sched, s in zip(t.schedulers, state["schedulers"]):
             sched.load_state_dict(s)
-        t.train_data.load_state_dict(state[f"data_dp{t.dp_rank}"])
+        t.train_data.load_state_dict(state["data"])
 
 
 def train(overrides: list[str] | None = None, *, config: str | None = None) -> list[float]:
