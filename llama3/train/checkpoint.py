@@ -8,8 +8,10 @@ directory without it is an interrupted save and is ignored.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -71,7 +73,8 @@ class Checkpointer:
 
     def save(self, step: int) -> Path:
         path = self.path(step)
-        dcp.save(self.state, checkpoint_id=path)
+        with _single_process_is_fine():
+            dcp.save(self.state, checkpoint_id=path)
         if is_rank0():
             for old in self.complete_steps()[:-self.keep]:
                 shutil.rmtree(self.path(old), ignore_errors=True)
@@ -84,8 +87,17 @@ class Checkpointer:
             steps = broadcast_object(steps)
         if not steps:
             return None
-        dcp.load(self.state, checkpoint_id=self.path(steps[-1]))
+        with _single_process_is_fine():
+            dcp.load(self.state, checkpoint_id=self.path(steps[-1]))
         return steps[-1]
+
+
+@contextlib.contextmanager
+def _single_process_is_fine():
+    """DCP warns when there is no process group; one process is a normal way to train here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def is_rank0() -> bool:

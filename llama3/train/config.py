@@ -170,11 +170,11 @@ def parse_value(text: str):
         return text
 
 
-def apply_dict(obj, values: dict, source: str, prefix: str = "") -> None:
+def apply_dict(cfg: TrainConfig, values: dict, source: str, prefix: str = "") -> None:
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a table of keys")
     for key, value in values.items():
-        set_key(obj, prefix + key, value, source)
+        set_key(cfg, prefix + key, value, source)
 
 
 def set_key(cfg: TrainConfig, key: str, value, source: str) -> None:
@@ -189,7 +189,7 @@ def set_key(cfg: TrainConfig, key: str, value, source: str) -> None:
         rest = parts[i + 1:]
         if dataclasses.is_dataclass(current):
             if not rest:
-                apply_dict(current, value, source, prefix=key + ".")
+                apply_dict(cfg, value, source, prefix=key + ".")
                 return
             obj = current
             continue

@@ -8,6 +8,7 @@ Both follow one rule so that the parallel layout does not change the data: globa
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,23 +27,21 @@ class SyntheticTokens:
         self.vocab_size, self.batch_size, self.seq_len = vocab_size, batch_size, seq_len
         self.rank, self.world_size, self.seed, self.split = rank, world_size, seed, split
         self.mean_doc_len = mean_doc_len
-        self.cycle = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))
+        self.cycle = np.random.default_rng(seed).permutation(vocab_size)
         self.step = 0
 
-    def row(self, n: int) -> tuple[Tensor, Tensor]:
+    def row(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Row n of the stream: seq_len + 1 tokens and the position of each within its document."""
-        split_id = ("train", "val").index(self.split)
-        g = torch.Generator().manual_seed((((self.seed * 2 + split_id) << 40) + n) % 2**63)
-        T = self.seq_len + 1
-        start = torch.randint(self.vocab_size, (1,), generator=g)
-        hops = torch.randint(1, 5, (T,), generator=g)
+        rng = np.random.default_rng([self.seed, ("train", "val").index(self.split), n])
+        T, V = self.seq_len + 1, self.vocab_size
+        hops = rng.integers(1, 5, T)
         hops[0] = 0
-        tokens = self.cycle[(start + hops.cumsum(0)) % self.vocab_size]
-        new_doc = torch.rand(T, generator=g) < 1 / self.mean_doc_len
+        tokens = self.cycle[(rng.integers(V) + np.cumsum(hops)) % V]
+        new_doc = rng.random(T) < 1 / self.mean_doc_len
         new_doc[0] = True
-        index = torch.arange(T)
-        doc_start = torch.where(new_doc, index, 0).cummax(0).values
-        tokens = torch.where(new_doc, self.cycle[torch.randint(self.vocab_size, (T,), generator=g)], tokens)
+        tokens = np.where(new_doc, self.cycle[rng.integers(V, size=T)], tokens)  # each document starts anywhere
+        index = np.arange(T)
+        doc_start = np.maximum.accumulate(np.where(new_doc, index, 0))
         return tokens, index - doc_start
 
     def __iter__(self):
@@ -52,8 +51,8 @@ class SyntheticTokens:
         first = (self.step * self.world_size + self.rank) * self.batch_size
         rows = [self.row(n) for n in range(first, first + self.batch_size)]
         self.step += 1
-        tokens = torch.stack([r[0] for r in rows])  # (B, T + 1)
-        positions = torch.stack([r[1] for r in rows])
+        tokens = torch.from_numpy(np.stack([r[0] for r in rows]))  # (B, T + 1)
+        positions = torch.from_numpy(np.stack([r[1] for r in rows]))
         return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), positions[:, :-1].contiguous()
 
     def state_dict(self) -> dict:

@@ -15,9 +15,11 @@ from ..args import ModelArgs
 
 
 def matmul_params(args: ModelArgs) -> int:
-    """Parameters that take part in a matmul for every token: all but the embedding table (a lookup). The output
-    projection counts even when it shares its weight with the embedding."""
-    return args.num_params() - args.vocab_size * args.dim * (0 if args.tie_embeddings else 1)
+    """Parameters that take part in a matmul for every token: all but the embedding table (a lookup) and the norm
+    gains. The output projection counts even when it shares its weight with the embedding."""
+    lookup = 0 if args.tie_embeddings else args.vocab_size * args.dim
+    norms = (2 * args.n_layers + 1) * args.dim
+    return args.num_params() - lookup - norms
 
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> float:

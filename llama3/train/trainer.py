@@ -26,7 +26,7 @@ from ..args import ModelArgs
 from ..model import Transformer
 from .checkpoint import (Checkpointer, ModelState, OptimizerState, broadcast_object, full_model_state_dict,
                          is_rank0)
-from .config import ConfigError, OptimConfig, TrainConfig, load_config, resolve_layout
+from .config import ConfigError, OptimConfig, TrainConfig, resolve_layout
 from .data import build_loader, document_mask
 from .metrics import MetricsWriter, flops_per_token, measure_peak_flops, peak_memory_gib, plot_losses, synchronize
 from .parallelize import build_mesh, parallelize
@@ -376,18 +376,3 @@ class _Progress:
         for sched, s in zip(t.schedulers, state["schedulers"]):
             sched.load_state_dict(s)
         t.train_data.load_state_dict(state["data"])
-
-
-def train(overrides: list[str] | None = None, *, config: str | None = None) -> list[float]:
-    """Pretrain a Llama model. With no arguments: the debug preset on the built-in corpus.
-
-    Args:
-        config: TOML, JSON or YAML file with the training configuration
-        overrides: section.key=value settings applied after the file, e.g. training.steps=100 parallel.tp=2
-    """
-    cfg = load_config(config, overrides)
-    trainer = Trainer(cfg)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.close()
