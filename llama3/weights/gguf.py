@@ -147,10 +147,10 @@ def read_gguf(path: Path) -> Checkpoint:
         if m is None:
             raise WeightsError(f"{source}: unexpected tensor {name!r}")
         state_dict[m] = read_tensor(t, source)
-    from ..tokenizer import BPETokenizer
     tokenizer, template = None, field(reader, "tokenizer.chat_template")
     model = field(reader, "tokenizer.ggml.model")
     if model == "gpt2":
+        from ..tokenizer import BPETokenizer
         tokenizer = BPETokenizer.from_gguf(reader)
     elif model is not None:
         raise WeightsError(f"{source}: tokenizer model {model!r} is not supported (only 'gpt2' byte-level BPE)")
