@@ -27,7 +27,7 @@ pytestmark = pytest.mark.timeout(300)
 # A run small enough for a test: the tiny model on synthetic data, nothing measured or plotted unless asked.
 TINY = ["model.preset=debug-tiny", "data.dataset=synthetic", "data.seq_len=32", "training.batch_size=4",
         "optim.warmup_steps=2", "eval.every=-1", "metrics.peak_tflops=1", "metrics.tensorboard=false",
-        "metrics.plot=false", "checkpoint.export=false"]
+        "metrics.plot=false", "checkpoint.export=false", "checkpoint.enabled=false"]
 
 
 def losses_of(run_dir) -> dict[int, float]:
@@ -259,7 +259,7 @@ def test_training_run_end_to_end(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    common = TINY + ["training.steps=6", "checkpoint.every=3"]
+    common = TINY + ["training.steps=6", "checkpoint.enabled=true", "checkpoint.every=3"]
     straight = tmp_path / "straight"
     train(common + [f"run.dir={straight}"])
     # An interrupted run: only the step-3 checkpoint exists. It resumes there and ends where the straight one did.

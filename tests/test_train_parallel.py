@@ -20,7 +20,7 @@ STEPS = 6
 COMMON = ["model.preset=debug-tiny", "model.args.n_layers=4", "data.dataset=synthetic", "data.seq_len=32",
           "data.document_masking=true", "training.batch_size=4", f"training.steps={STEPS}", "optim.warmup_steps=2",
           "eval.every=3", "eval.steps=1", "metrics.peak_tflops=1", "metrics.tensorboard=false", "metrics.plot=false",
-          "checkpoint.export=false"]
+          "checkpoint.export=false", "checkpoint.enabled=false"]
 
 LAYOUTS = {  # name: (processes, overrides)
     "fsdp-with-accumulation": (2, ["parallel.dp_shard=2", "training.micro_batch_size=1"]),

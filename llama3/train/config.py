@@ -89,7 +89,8 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # training checkpoints (model, optimizer, data position) every N steps; 0: only at the end
+    enabled: bool = True  # training checkpoints: model, optimizer, schedule and data position, to resume from
+    every: int = 0  # a training checkpoint every N steps (0: only at the end)
     keep: int = 2  # most recent training checkpoints to keep
     resume: bool = True  # continue from the latest training checkpoint in the run directory, if there is one
     export: bool = True  # at the end, write the model where `llama3.load` and `llama3 chat` read it (<dir>/model)

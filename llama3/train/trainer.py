@@ -51,14 +51,13 @@ def lr_multiplier(step: int, optim: OptimConfig, total_steps: int) -> float:
     return 1 - (1 - floor) * min(1.0, (step - decay_start + 1) / decay_steps)
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on norm gains)."""
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW, fused (one pass over memory per step: on CPU ~1.4x faster than foreach); weight decay on matrices
+    only, not on norm gains."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
-                             fused=fused, foreach=None if fused else True)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=True)
 
 
 def architecture(args: ModelArgs) -> dict:
@@ -121,7 +120,7 @@ class Trainer:
             self.parts = [parallelize(model, self.mesh, cfg, param_dtype=self.dtype)]
             self.has_first = self.has_last = True
         self.loss_parallel = (not self.pipelined and layout.tp > 1 and cfg.parallel.loss_parallel)
-        self.optimizers = [build_optimizer(part, cfg.optim, self.device) for part in self.parts]
+        self.optimizers = [build_optimizer(part, cfg.optim) for part in self.parts]
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_multiplier(s, cfg.optim, cfg.training.steps)) for opt in self.optimizers]
 
@@ -141,7 +140,7 @@ class Trainer:
             "model": ModelState(self.parts),
             "optimizer": OptimizerState(self.parts, self.optimizers),
             "progress": _Progress(self)}, keep=cfg.checkpoint.keep)
-        if cfg.checkpoint.resume:
+        if cfg.checkpoint.enabled and cfg.checkpoint.resume:
             self.step = self.checkpointer.load_latest() or 0
 
         self.flops_per_token = flops_per_token(self.args, cfg.data.seq_len)
@@ -314,9 +313,10 @@ class Trainer:
                 val = self.validate()
                 if self.writer is not None:
                     self.writer.log({"step": self.step, "val_loss": val})
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not last:
+            if cfg.checkpoint.enabled and cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not last:
                 self.checkpointer.save(self.step)
-        self.checkpointer.save(self.step)
+        if cfg.checkpoint.enabled:
+            self.checkpointer.save(self.step)
         if cfg.checkpoint.export:
             self.export(self.run_dir / "model")
         if self.writer is not None:
