@@ -30,6 +30,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: name it to catch it
 from torch.distributed.checkpoint.stateful import Stateful
 
 _STEP_DIR = re.compile(r"step-(\d+)$")
@@ -151,7 +152,7 @@ class Checkpointer:
                     dcp.save(self.state, storage_writer=writer)
                     self._commit(step)
             return True
-        except Exception as e:  # noqa: BLE001 - any storage error: keep training on the previous checkpoint
+        except (Exception, CheckpointException) as e:  # any storage error: keep training on the previous checkpoint
             self._failed(step, e)
             return False
         finally:
@@ -167,7 +168,7 @@ class Checkpointer:
         try:
             future.result()
             self._commit(step)
-        except Exception as e:  # noqa: BLE001
+        except (Exception, CheckpointException) as e:
             self._failed(step, e)
         finally:
             self.stall_s += time.perf_counter() - start
@@ -226,7 +227,7 @@ class Checkpointer:
                 with _single_process_is_fine():
                     dcp.load(self.state, checkpoint_id=self.path(step))
                 return step
-            except Exception as e:  # noqa: BLE001 - e.g. a file DCP cannot parse despite its checksum
+            except (Exception, CheckpointException) as e:  # e.g. a file DCP cannot parse despite its checksum
                 self._quarantine(step, f"load failed: {_first_line(e)}")
 
     def _newest_valid_step(self) -> int | None:
