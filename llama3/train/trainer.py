@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import torch
@@ -90,11 +90,23 @@ def init_distributed(device_choice: str) -> tuple[torch.device, bool]:
     if use_cuda:
         torch.cuda.set_device(device)
     if distributed and not dist.is_initialized():
+        store, rank, world_size = restart_scoped_store()
         if use_cuda:
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, store=store, rank=rank, world_size=world_size)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     return device, distributed
+
+
+def restart_scoped_store() -> tuple[dist.Store, int, int]:
+    """torchrun keeps one key-value store across the restarts of a job. Scope this attempt's keys by the restart
+    count: otherwise the new ranks read the addresses the previous attempt's (dead) ranks left there and gloo
+    fails to connect."""
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=not agent_hosts_it and rank == 0, timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store), rank, world_size
 
 
 class Trainer:
@@ -144,7 +156,9 @@ class Trainer:
         self.guard = LossGuard(cfg.faults.spike_zscore, cfg.faults.spike_window)
         self.skip_steps = set(cfg.faults.skip_steps) | self.read_skip_steps()
         self.goodput = Goodput(self.run_dir, write=is_rank0())
-        self.watchdog = None  # started by fit(): setup and the first checkpoint load are not steps
+        self.watchdog = None
+        if cfg.faults.watchdog_timeout_s > 0:  # from here on: a hung checkpoint load is caught as well
+            self.watchdog = Watchdog(cfg.faults.watchdog_timeout_s, self.run_dir / f"hang-rank{self.rank}.txt")
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", {
             "model": ModelState(self.parts),
             "optimizer": OptimizerState(self.parts, self.optimizers),
@@ -322,8 +336,6 @@ class Trainer:
         tokens_per_step = cfg.training.batch_size * cfg.data.seq_len
         if self.writer is not None:
             self.writer.print(self.describe())
-        if cfg.faults.watchdog_timeout_s > 0:
-            self.watchdog = Watchdog(cfg.faults.watchdog_timeout_s, self.run_dir / f"hang-rank{self.rank}.txt")
         last_save = time.monotonic()
         while self.step < cfg.training.steps:
             step = self.step + 1
