@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--watchdog", type=float, default=30.0, help="seconds without progress that count as a hang")
+    ap.add_argument("--extra", nargs="*", default=[], help="more key=value training settings for both runs")
     ap.add_argument("--dir", default=None, help="keep the runs here (default: a temporary directory)")
     opts = ap.parse_args()
 
@@ -73,7 +74,7 @@ def main() -> None:
               f"training.batch_size={opts.batch_size}", f"training.steps={opts.steps}", "eval.every=-1",
               "metrics.peak_tflops=1", "metrics.tensorboard=false", "metrics.plot=false", "checkpoint.export=false",
               f"parallel.dp_replicate={opts.nproc}", f"checkpoint.every={opts.checkpoint_every}",
-              "checkpoint.keep=2", "faults.fingerprint_every=10", f"faults.watchdog_timeout_s={opts.watchdog}"]
+              "checkpoint.keep=2", "faults.fingerprint_every=10", f"faults.watchdog_timeout_s={opts.watchdog}", *opts.extra]
     print(f"faults: {', '.join(faults)}")
     ref_wall = torchrun(common + [f"run.dir={base / 'reference'}", f"faults.skip_steps={nan_steps}"],
                         opts.nproc, 0, timeout=3600)

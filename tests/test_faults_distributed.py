@@ -42,8 +42,7 @@ def test_every_fault_is_recovered_unattended(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     fired = sorted(p.name.split("-")[2] for p in (faulty / "faults").iterdir())
-    assert fired == sorted(["kill", "bitflip", "corrupt_checkpoint", "hang", "hang", "fail_save", "fail_save"]) \
-        or len(fired) >= 5, fired
+    assert fired == ["bitflip", "corrupt_checkpoint", "fail_save", "fail_save", "hang", "kill"]  # once each
     events = (faulty / "events.log").read_text()
     assert "parameter fingerprints of data-parallel replicas differ" in events
     assert "does not match its checksum" in events

@@ -289,7 +289,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _first_line(error: Exception) -> str:
+def _first_line(error: BaseException) -> str:
+    if isinstance(error, CheckpointException) and error.failures:  # the ranks' own errors, not DCP's wrapper
+        rank, cause = next(iter(error.failures.items()))
+        return f"rank {rank}: {type(cause).__name__}: {_first_line(cause)}"
     return (str(error).strip().splitlines() or [""])[0][:200]
 
 
