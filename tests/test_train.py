@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from llama3.args import ModelArgs
 from llama3.llama import build_model
-from llama3.model import Transformer
+from llama3.model import Transformer, apply_rope
 from llama3.train import train
 from llama3.train.config import ConfigError, OptimConfig, load_config, resolve_layout
 from llama3.train.data import SyntheticTokens, document_mask
@@ -162,6 +162,22 @@ def test_document_mask_keeps_documents_apart():
         assert not torch.allclose(model(packed)[:, 11:], model(doc_b), atol=1e-3)  # without the mask they mix
 
 
+def test_rope_is_the_rotation_of_interleaved_pairs():
+    """apply_rope (a complex multiply, for speed) against the rotation written out, values and gradients."""
+    x = torch.randn(2, 8, 3, 16, requires_grad=True)
+    angles = torch.rand(2, 8, 1, 8) * 10
+    cos, sin = angles.cos(), angles.sin()
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    expected = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    grad = torch.randn_like(expected)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad)
+    ours = apply_rope(x, cos, sin)
+    (ours_grad,) = torch.autograd.grad(ours, x, grad)
+    assert torch.allclose(ours, expected, atol=1e-6) and torch.allclose(ours_grad, expected_grad, atol=1e-6)
+    half = apply_rope(x.detach().bfloat16(), cos, sin)
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), expected, atol=5e-2)
+
+
 # ---- metrics -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -279,9 +295,13 @@ def test_bfloat16_on_cpu_tracks_float32(tmp_path):
 
 
 def test_compiled_blocks_give_the_same_losses(tmp_path):
+    from torch._dynamo.utils import counters
     eager = train(TINY + ["training.steps=3", f"run.dir={tmp_path / 'eager'}"])
+    torch._dynamo.reset()
+    counters.clear()
     compiled = train(TINY + ["training.steps=3", "training.compile=true", f"run.dir={tmp_path / 'compiled'}"])
     assert compiled == pytest.approx(eager, abs=1e-4)
+    assert counters["stats"]["unique_graphs"] == 1  # compiled once, shared by every block
 
 
 def test_init_from_checks_the_architecture(tmp_path):
