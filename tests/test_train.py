@@ -5,6 +5,7 @@ import json
 import math
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -274,6 +275,37 @@ def test_training_run_end_to_end(tmp_path):
     assert loss.item() < losses[0] - 0.3
 
 
+@pytest.fixture(scope="module")
+def prepared_data(tmp_path_factory):
+    """A small corpus prepared with the Llama 3 tokenizer: 60 documents of made-up sentences."""
+    from llama3.data import PrepareConfig, QualityConfig
+    from llama3.data.prepare import prepare
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    words = ["the", "model", "reads", "a", "token", "and", "writes", "next", "one", "slowly", "every", "day"]
+    docs = [" ".join(rng.choice(words, size=rng.integers(20, 120))) + "." for _ in range(60)]
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prepare([root / "docs.jsonl"], root / "out", "llama3", PrepareConfig(quality=QualityConfig.off()), workers=1,
+            progress=False)
+    return root / "out"
+
+
+def test_training_on_prepared_data_gives_a_model_llama3_loads(tmp_path, prepared_data):
+    run = tmp_path / "run"
+    small_llama3_vocab = ["model.preset=debug", "model.args.n_layers=1", "model.args.dim=64", "model.args.n_heads=4",
+                          "model.args.n_kv_heads=2", "model.args.multiple_of=32"]
+    losses = train(TINY + small_llama3_vocab + [
+        f"data.dataset={prepared_data}", "data.seq_len=64", "data.document_masking=true", "data.val_fraction=0.1",
+        "training.steps=3", "eval.every=3", "checkpoint.export=true", f"run.dir={run}"])
+    assert len(losses) == 3 and losses[0] == pytest.approx(math.log(128256), abs=0.5)
+    import llama3
+    llm = llama3.load(run / "model")
+    assert llm.tokenizer.vocab_size == 128256
+    assert isinstance(llm.generate("the model", max_new_tokens=3), str)
+    with pytest.raises(ConfigError, match="its tokenizer has 128256 tokens"):
+        train(TINY + [f"data.dataset={prepared_data}", f"run.dir={tmp_path / 'tiny'}"])
+
+
 def test_resume_continues_exactly(tmp_path):
     common = TINY + ["training.steps=6", "checkpoint.enabled=true", "checkpoint.every=3"]
     straight = tmp_path / "straight"
@@ -319,4 +351,4 @@ def test_cli_verb(tmp_path, capsys):
     assert main(["train", *TINY, "training.steps=2", f"run.dir={tmp_path / 'cli'}"]) == 0
     assert "step      2 | loss" in capsys.readouterr().out
     assert main(["train", "training.steps=-1"]) == 2
-    assert "llama3 train: error: training.steps must be at least 0" in capsys.readouterr().err
+    assert "error: training.steps must be at least 0" in capsys.readouterr().err
