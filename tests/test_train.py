@@ -5,6 +5,7 @@ import json
 import math
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -13,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from llama3.args import ModelArgs
 from llama3.llama import build_model
-from llama3.model import Transformer
+from llama3.model import Transformer, apply_rope
 from llama3.train import train
 from llama3.train.config import ConfigError, OptimConfig, load_config, resolve_layout
 from llama3.train.data import SyntheticTokens, document_mask
@@ -162,6 +163,22 @@ def test_document_mask_keeps_documents_apart():
         assert not torch.allclose(model(packed)[:, 11:], model(doc_b), atol=1e-3)  # without the mask they mix
 
 
+def test_rope_is_the_rotation_of_interleaved_pairs():
+    """apply_rope (a complex multiply, for speed) against the rotation written out, values and gradients."""
+    x = torch.randn(2, 8, 3, 16, requires_grad=True)
+    angles = torch.rand(2, 8, 1, 8) * 10
+    cos, sin = angles.cos(), angles.sin()
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    expected = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    grad = torch.randn_like(expected)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad)
+    ours = apply_rope(x, cos, sin)
+    (ours_grad,) = torch.autograd.grad(ours, x, grad)
+    assert torch.allclose(ours, expected, atol=1e-6) and torch.allclose(ours_grad, expected_grad, atol=1e-6)
+    half = apply_rope(x.detach().bfloat16(), cos, sin)
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), expected, atol=5e-2)
+
+
 # ---- metrics -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -258,6 +275,37 @@ def test_training_run_end_to_end(tmp_path):
     assert loss.item() < losses[0] - 0.3
 
 
+@pytest.fixture(scope="module")
+def prepared_data(tmp_path_factory):
+    """A small corpus prepared with the Llama 3 tokenizer: 60 documents of made-up sentences."""
+    from llama3.data import PrepareConfig, QualityConfig
+    from llama3.data.prepare import prepare
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    words = ["the", "model", "reads", "a", "token", "and", "writes", "next", "one", "slowly", "every", "day"]
+    docs = [" ".join(rng.choice(words, size=rng.integers(20, 120))) + "." for _ in range(60)]
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prepare([root / "docs.jsonl"], root / "out", "llama3", PrepareConfig(quality=QualityConfig.off()), workers=1,
+            progress=False)
+    return root / "out"
+
+
+def test_training_on_prepared_data_gives_a_model_llama3_loads(tmp_path, prepared_data):
+    run = tmp_path / "run"
+    small_llama3_vocab = ["model.preset=debug", "model.args.n_layers=1", "model.args.dim=64", "model.args.n_heads=4",
+                          "model.args.n_kv_heads=2", "model.args.multiple_of=32"]
+    losses = train(TINY + small_llama3_vocab + [
+        f"data.dataset={prepared_data}", "data.seq_len=64", "data.document_masking=true", "data.val_fraction=0.1",
+        "training.steps=3", "eval.every=3", "checkpoint.export=true", f"run.dir={run}"])
+    assert len(losses) == 3 and losses[0] == pytest.approx(math.log(128256), abs=0.5)
+    import llama3
+    llm = llama3.load(run / "model")
+    assert llm.tokenizer.vocab_size == 128256
+    assert isinstance(llm.generate("the model", max_new_tokens=3), str)
+    with pytest.raises(ConfigError, match="its tokenizer has 128256 tokens"):
+        train(TINY + [f"data.dataset={prepared_data}", f"run.dir={tmp_path / 'tiny'}"])
+
+
 def test_resume_continues_exactly(tmp_path):
     common = TINY + ["training.steps=6", "checkpoint.enabled=true", "checkpoint.every=3"]
     straight = tmp_path / "straight"
@@ -279,9 +327,13 @@ def test_bfloat16_on_cpu_tracks_float32(tmp_path):
 
 
 def test_compiled_blocks_give_the_same_losses(tmp_path):
+    from torch._dynamo.utils import counters
     eager = train(TINY + ["training.steps=3", f"run.dir={tmp_path / 'eager'}"])
+    torch._dynamo.reset()
+    counters.clear()
     compiled = train(TINY + ["training.steps=3", "training.compile=true", f"run.dir={tmp_path / 'compiled'}"])
     assert compiled == pytest.approx(eager, abs=1e-4)
+    assert counters["stats"]["unique_graphs"] == 1  # compiled once, shared by every block
 
 
 def test_init_from_checks_the_architecture(tmp_path):
@@ -299,4 +351,4 @@ def test_cli_verb(tmp_path, capsys):
     assert main(["train", *TINY, "training.steps=2", f"run.dir={tmp_path / 'cli'}"]) == 0
     assert "step      2 | loss" in capsys.readouterr().out
     assert main(["train", "training.steps=-1"]) == 2
-    assert "llama3 train: error: training.steps must be at least 0" in capsys.readouterr().err
+    assert "error: training.steps must be at least 0" in capsys.readouterr().err

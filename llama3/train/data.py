@@ -8,9 +8,13 @@ Both follow one rule so that the parallel layout does not change the data: globa
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import Tensor
+
+from .config import ConfigError
 
 
 class SyntheticTokens:
@@ -65,13 +69,35 @@ class SyntheticTokens:
         self.step = int(state["step"])
 
 
-def build_loader(dataset: str, *, vocab_size: int, batch_size: int, seq_len: int, rank: int, world_size: int,
-                 seed: int, split: str, val_fraction: float):
-    """The batches of one split for one data-parallel rank, each (inputs, targets, positions)."""
+def dataset_dir(dataset: str) -> Path | None:
+    """The prepared token directory a `data.dataset` setting names (None for synthetic data). The built-in corpus
+    is built on first use."""
     if dataset == "synthetic":
+        return None
+    from ..data import prepare_default_corpus
+    return prepare_default_corpus() if dataset == "default" else Path(dataset)
+
+
+def data_tokenizer(data_dir: Path | None, vocab_size: int):
+    """The tokenizer the data was prepared with (to ship next to the trained weights), checked against the model's
+    vocabulary; None for synthetic data."""
+    if data_dir is None:
+        return None
+    from ..data.prepare import load_tokenizer
+    from ..data.shards import read_index
+    info = read_index(data_dir)["tokenizer"]
+    if (info.get("vocab_size") or 0) > vocab_size:
+        raise ConfigError(f"data.dataset {data_dir}: its tokenizer has {info['vocab_size']} tokens, more than the model's "
+                         f"vocab_size {vocab_size}")
+    return load_tokenizer(info["name"])
+
+
+def build_loader(data_dir: Path | None, *, vocab_size: int, batch_size: int, seq_len: int, rank: int,
+                 world_size: int, seed: int, split: str, val_fraction: float):
+    """The batches of one split for one data-parallel rank, each (inputs, targets, positions)."""
+    if data_dir is None:
         return SyntheticTokens(vocab_size, batch_size, seq_len, rank, world_size, seed, split=split)
-    from ..data import TokenLoader, prepare_default_corpus
-    data_dir = prepare_default_corpus() if dataset == "default" else dataset
+    from ..data import TokenLoader
     return TokenLoader(data_dir, batch_size, seq_len, rank, world_size, seed, split=split, val_fraction=val_fraction,
                        shuffle=split == "train", return_positions=True)
 

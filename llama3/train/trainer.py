@@ -28,7 +28,7 @@ from ..model import Transformer
 from .checkpoint import (Checkpointer, ModelState, OptimizerState, RNGState, broadcast_object,
                          full_model_state_dict, is_rank0)
 from .config import ConfigError, OptimConfig, TrainConfig, resolve_layout
-from .data import build_loader, document_mask
+from .data import build_loader, data_tokenizer, dataset_dir, document_mask
 from .faults import FaultInjector, LossGuard, Watchdog, replica_mismatch
 from .goodput import Goodput
 from .metrics import MetricsWriter, flops_per_token, measure_peak_flops, peak_memory_gib, plot_losses, synchronize
@@ -143,11 +143,13 @@ class Trainer:
         if self.mesh is not None:
             self.dp_rank = (self.mesh["dp_replicate"].get_local_rank() * layout.dp_shard
                             + self.mesh["dp_shard"].get_local_rank())
+        data_dir = dataset_dir(cfg.data.dataset)
+        self.tokenizer = data_tokenizer(data_dir, self.args.vocab_size)
         loader_args = dict(vocab_size=self.args.vocab_size, batch_size=layout.micro_batch_size,
                            seq_len=cfg.data.seq_len, rank=self.dp_rank, world_size=layout.dp, seed=cfg.run.seed,
                            val_fraction=cfg.data.val_fraction)
-        self.train_data = build_loader(cfg.data.dataset, split="train", **loader_args)
-        self.val_data = build_loader(cfg.data.dataset, split="val", **loader_args) if cfg.eval.every >= 0 else None
+        self.train_data = build_loader(data_dir, split="train", **loader_args)
+        self.val_data = build_loader(data_dir, split="val", **loader_args) if cfg.eval.every >= 0 else None
         self.val_start = self.val_data.state_dict() if self.val_data is not None else None
 
         self.step = 0
@@ -478,15 +480,8 @@ class Trainer:
         if not is_rank0():
             return
         from ..export import save_checkpoint
-        save_checkpoint(path, self.args, state, layout=self.cfg.checkpoint.export_layout, tokenizer=self.tokenizer())
+        save_checkpoint(path, self.args, state, layout=self.cfg.checkpoint.export_layout, tokenizer=self.tokenizer)
         self.writer.print(f"model: {path}")
-
-    def tokenizer(self):
-        """The tokenizer the data was made with, to ship alongside the weights (None for synthetic data)."""
-        if self.cfg.data.dataset == "synthetic":
-            return None
-        from ..tokenizer import Tokenizer
-        return Tokenizer()
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
