@@ -162,3 +162,10 @@ def test_fault_specs():
         parse_faults(["kill:rank=1"])
     with pytest.raises(ConfigError, match="faults.skip_steps\\[0\\] must be an integer"):
         load_config(None, ["faults.skip_steps=['x']"])
+
+
+def test_export_to_meta_layout(fault_free, tmp_path):
+    run, _ = fault_free
+    train(TINY + [f"run.dir={tmp_path}", "checkpoint.export_layout=meta"])
+    assert (tmp_path / "model" / "consolidated.00.pth").exists()
+    assert_same_params(final_params(tmp_path), final_params(run))
