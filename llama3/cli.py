@@ -13,6 +13,7 @@ from typing import Literal
 
 from .hub import DEFAULT_MODEL
 from .serve import serve
+from .train import train
 
 
 def generate(prompt: str, *, model: str = DEFAULT_MODEL, max_new_tokens: int = 256, temperature: float = 0.0,
@@ -136,7 +137,7 @@ def convert(src: str, dst: str, *, to: Literal["hf", "meta"], shards: int = 1, d
     print(dst)
 
 
-VERBS = [generate, chat, pull, models, convert, serve]
+VERBS = [generate, chat, pull, models, convert, serve, train]
 
 
 # ---- parser generation -------------------------------------------------------------------------------------------
@@ -183,6 +184,8 @@ def add_verb(subparsers, fn) -> None:
             parser.add_argument("--" + name.replace("_", "-"), dest=name, required=required,
                                 **({} if required else {"default": param.default}), **opts)
         else:
+            if param.default is not inspect.Parameter.empty and opts.get("nargs") == "+":
+                opts.update(nargs="*", default=param.default)  # a list of positionals that may be empty
             parser.add_argument(name, **opts)
     parser.set_defaults(_fn=fn)
 
