@@ -320,6 +320,12 @@ def test_resume_continues_exactly(tmp_path):
     assert [b[s] for s in (4, 5, 6)] == pytest.approx([a[s] for s in (4, 5, 6)], abs=1e-6)
 
 
+def test_sequence_length_8192_with_document_masking(tmp_path):
+    losses = train(TINY + ["model.args.max_seq_len=8192", "data.seq_len=8192", "training.batch_size=1",
+                           "training.steps=1", "data.document_masking=true", f"run.dir={tmp_path}"])
+    assert len(losses) == 1 and math.isfinite(losses[0])
+
+
 def test_bfloat16_on_cpu_tracks_float32(tmp_path):
     fp32 = train(TINY + ["training.steps=4", f"run.dir={tmp_path / 'a'}"])
     bf16 = train(TINY + ["training.steps=4", "training.dtype=bfloat16", f"run.dir={tmp_path / 'b'}"])

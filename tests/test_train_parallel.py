@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from llama3.train import train
+from llama3.weights import read_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -71,3 +72,16 @@ def test_layout_matches_single_process(name, seed_checkpoint, single_process, tm
     assert train_losses == pytest.approx(expected_train, abs=1e-5, rel=0)
     assert val_losses == pytest.approx(expected_val, abs=1e-5, rel=0)
     assert expected_train[-1] < expected_train[0]  # the steps did change the model
+
+
+def test_tensor_parallel_with_tied_embeddings_and_fresh_init(tmp_path):
+    """Without a seed checkpoint: initialisation does not depend on the layout. Tied embeddings stay one parameter
+    under TP, and the exported model is the same."""
+    tied = COMMON + ["model.args.tie_embeddings=true", "checkpoint.export=true"]
+    train(tied + [f"run.dir={tmp_path / 'single'}"])
+    torchrun(2, tied + ["parallel.tp=2", f"run.dir={tmp_path / 'tp'}"])
+    assert read_losses(tmp_path / "tp")[0] == pytest.approx(read_losses(tmp_path / "single")[0], abs=1e-5, rel=0)
+    single = read_checkpoint(tmp_path / "single" / "model").state_dict
+    sharded = read_checkpoint(tmp_path / "tp" / "model").state_dict
+    assert sorted(single) == sorted(sharded)
+    assert all((single[k] - sharded[k]).abs().max() < 1e-4 for k in single)

@@ -209,7 +209,13 @@ class Trainer:
                 diff = ", ".join(f"{k} {theirs[k]} vs {ours[k]}" for k in ours if theirs[k] != ours[k])
                 raise ConfigError(f"model.init_from {self.cfg.model.init_from}: not the configured model "
                                   f"({diff}); set model.preset / model.args to match")
-            model.load_state_dict({k: v.float() for k, v in ckpt.state_dict.items()}, strict=False)
+            missing, unexpected = model.load_state_dict({k: v.float() for k, v in ckpt.state_dict.items()},
+                                                        strict=False)
+            if self.args.tie_embeddings:  # the output projection is the embedding; checkpoints may omit it
+                missing = [k for k in missing if k != "output.weight"]
+            if missing or unexpected:
+                raise ConfigError(f"model.init_from {self.cfg.model.init_from}: missing {missing}, "
+                                  f"unexpected {unexpected}")
         else:
             model.init_weights(std=self.cfg.model.init_std)
         return model
