@@ -72,14 +72,14 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], *, max_new_tok
     """
     context = max_seq_len or model.args.max_seq_len
     check_prompt_lengths(prompts, context)
-    device = model.tok_embeddings.weight.device
+    device = model.norm.weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     T = int(lengths.max())
     max_new_tokens = min(max_new_tokens, context - T)
     if max_new_tokens <= 0:
         return
     B = len(prompts)
-    cache = KVCache(model.args, B, T + max_new_tokens, dtype=model.tok_embeddings.weight.dtype, device=device)
+    cache = KVCache(model.args, B, T + max_new_tokens, dtype=model.norm.weight.dtype, device=device)
     tokens = torch.zeros(B, T, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)

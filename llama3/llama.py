@@ -18,6 +18,11 @@ from .weights import Checkpoint, WeightsError, check_state_dict, read_checkpoint
 def build_model(ckpt: Checkpoint, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                 source: str = "") -> Transformer:
     """Create the model on the meta device and adopt the checkpoint's tensors, so no weights exist twice."""
+    quantization = ckpt.metadata.get("quantization")
+    if quantization:  # portable quantized tensors (llama3/quantize.py): quantized modules, bf16 activations
+        from .quantize import COMPUTE_DTYPE, build_quantized_model
+        return build_quantized_model(ckpt.args, ckpt.state_dict, group_size=quantization["group_size"],
+                                     device=device, dtype=dtype or COMPUTE_DTYPE)
     with torch.device("meta"):
         model = Transformer(ckpt.args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -105,12 +110,15 @@ class Llama:
         return self.stream_ids(self.encode_chat(messages), **kwargs)
 
 
-def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> Llama:
-    """Load a Meta directory, HF directory, .gguf file, or a known model name (pulled on first use)."""
+def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu", *,
+         quantize: str | None = None, group_size: int = 32) -> Llama:
+    """Load a Meta directory, HF directory, .gguf file, llama3 quantized directory, or a known model name (pulled
+    on first use). quantize="int8" or "int4" quantizes the weights while loading (GGUF 4-bit blocks are kept as
+    they are); the model then computes in bf16."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     path = resolve(source)
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, quantize, group_size)
     if ckpt.tokenizer is None:
         raise WeightsError(f"{path}: no tokenizer found next to the weights")
     model = build_model(ckpt, dtype, device, str(path))
