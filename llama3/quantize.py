@@ -45,13 +45,19 @@ class QuantizationError(ValueError):
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     """(out, in) float -> int8 weights and one scale per row (symmetric: w ~= q * scale)."""
     q = torch.empty(w.shape, dtype=torch.int8)
-    scales = torch.empty(w.shape[0])
+    scales = torch.empty(w.shape[0], dtype=COMPUTE_DTYPE)
     for r in range(0, w.shape[0], _ROWS_PER_CHUNK):
         chunk = w[r:r + _ROWS_PER_CHUNK].float()
-        s = chunk.abs().amax(dim=1).clamp(min=1e-10) / 127
-        q[r:r + _ROWS_PER_CHUNK] = torch.round(chunk / s[:, None]).clamp_(-127, 127)
+        s = _round_up_to_compute_dtype(chunk.abs().amax(dim=1).clamp(min=1e-10) / 127)
+        q[r:r + _ROWS_PER_CHUNK] = torch.round(chunk / s.float()[:, None]).clamp_(-127, 127)
         scales[r:r + _ROWS_PER_CHUNK] = s
-    return q, scales.to(COMPUTE_DTYPE)
+    return q, scales
+
+
+def _round_up_to_compute_dtype(x: Tensor) -> Tensor:
+    """The smallest bf16 >= x: rounding the scale down could push the largest weights past the end of the grid."""
+    y = x.to(COMPUTE_DTYPE)
+    return torch.where(y.float() < x, torch.nextafter(y, torch.tensor(float("inf"), dtype=COMPUTE_DTYPE)), y)
 
 
 def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -63,16 +69,19 @@ def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
         raise QuantizationError(f"int4 group size {group_size} does not divide the input dimension {cols}; "
                                 f"choose a divisor of {cols} (e.g. 32)")
     packed = torch.empty(rows, cols // 2, dtype=torch.uint8)
-    scales = torch.empty(rows, cols // group_size)
-    zeros = torch.empty(rows, cols // group_size)
+    scales = torch.empty(rows, cols // group_size, dtype=COMPUTE_DTYPE)
+    zeros = torch.empty(rows, cols // group_size, dtype=COMPUTE_DTYPE)
     for r in range(0, rows, _ROWS_PER_CHUNK):
         g = w[r:r + _ROWS_PER_CHUNK].float().reshape(-1, cols // group_size, group_size)
         lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-        scale = ((hi - lo) / 15).clamp(min=1e-10)
-        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8)
+        # Round scale and zero to bf16 first and pick each q against the rounded grid the kernel will use.
+        scale = _round_up_to_compute_dtype(((hi - lo) / 15).clamp(min=1e-10))
+        zero = (lo + 8 * scale.float()).to(COMPUTE_DTYPE)
+        lo = zero.float() - 8 * scale.float()
+        q = torch.round((g - lo[..., None]) / scale.float()[..., None]).clamp_(0, 15).to(torch.uint8)
         packed[r:r + _ROWS_PER_CHUNK] = pack_nibbles(q.reshape(q.shape[0], cols))
-        scales[r:r + _ROWS_PER_CHUNK], zeros[r:r + _ROWS_PER_CHUNK] = scale, lo + 8 * scale
-    return packed, scales.to(COMPUTE_DTYPE), zeros.to(COMPUTE_DTYPE)
+        scales[r:r + _ROWS_PER_CHUNK], zeros[r:r + _ROWS_PER_CHUNK] = scale, zero
+    return packed, scales, zeros
 
 
 def pack_nibbles(q: Tensor) -> Tensor:
@@ -271,3 +280,31 @@ def quantize_model(model: Transformer, scheme: str, group_size: int = 32) -> Tra
     sd = {k: v for k, v in model.state_dict().items() if not (model.args.tie_embeddings and k == "output.weight")}
     return build_quantized_model(model.args, quantize_state_dict({k: v.cpu() for k, v in sd.items()}, scheme,
                                                                  group_size), group_size=group_size, device=device)
+
+
+def quantize(src: str, dst: str, *, int8: bool = False, int4: bool = False, group_size: int = 32) -> None:
+    """Quantize a checkpoint's weights and write a directory that `llama3.load` (and every --model option) reads.
+
+    Args:
+        src: source checkpoint: .gguf file, Meta or HF directory, or known model name
+        dst: output directory
+        int8: 8-bit weights with one scale per output channel
+        int4: 4-bit weights in groups along the input dimension (embeddings and output stay 8-bit)
+        group_size: weights per int4 group; must divide the layers' input sizes (GGUF 4-bit blocks are kept
+            exactly with 32)
+    """
+    from pathlib import Path
+
+    from .export import save_tokenizer
+    from .hub import resolve
+    from .weights import read_checkpoint
+    from .weights.quantized import write_quantized
+    if int8 == int4:
+        raise QuantizationError("choose exactly one of --int8 and --int4")
+    scheme = "int8" if int8 else "int4"
+    ckpt = read_checkpoint(resolve(src), scheme, group_size)
+    out = Path(dst)
+    write_quantized(out, ckpt.args, ckpt.state_dict, scheme=scheme, group_size=group_size)
+    save_tokenizer(ckpt.tokenizer, ckpt.chat_template, out, layout="hf")
+    size = sum(t.numel() * t.element_size() for t in ckpt.state_dict.values())
+    print(f"{out}: {scheme} weights, {size / 1e6:.1f} MB")

@@ -11,13 +11,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.torch import safe_open, save_file
+import struct
+
+import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 from ..args import ModelArgs
 from . import Checkpoint, WeightsError, read_tokenizer
 
+_DTYPES = {"I8": torch.int8, "U8": torch.uint8, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 CONFIG_NAME = "quantization.json"
 FORMAT = "llama3-quantized"
 
@@ -47,12 +50,28 @@ def read_quantized(path: Path) -> Checkpoint:
         if isinstance(e, WeightsError):
             raise
         raise WeightsError(f"{cfg_file}: invalid model arguments: {e}") from None
-    weights = path / "model.safetensors"
-    try:  # memory-mapped: a tensor is read when it is used (int8) or repacked (int4)
-        with safe_open(str(weights), framework="pt") as st:
-            state_dict = {name: st.get_tensor(name) for name in st.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise WeightsError(f"{weights}: unreadable safetensors file (truncated or corrupted?): {e}") from None
+    state_dict = read_safetensors_copy(path / "model.safetensors")
     tokenizer, template = read_tokenizer(path)
     return Checkpoint(args, state_dict, tokenizer, template, format="quantized",
                       metadata={"quantization": quantization})
+
+
+def read_safetensors_copy(path: Path) -> dict[str, Tensor]:
+    """Every tensor read into its own fresh allocation. Not memory-mapped: torch's int8/int4 CPU kernels need
+    aligned data (a tensor inside a mapped file can start anywhere), and copies let the file's pages go."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            tensors = {}
+            for name, info in header.items():
+                start, end = info["data_offsets"]
+                t = torch.empty(end - start, dtype=torch.uint8)
+                f.seek(8 + n + start)
+                if f.readinto(t.numpy()) != end - start:
+                    raise ValueError(f"tensor {name} is cut short")
+                tensors[name] = t.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+            return tensors
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as e:
+        raise WeightsError(f"{path}: unreadable safetensors file (truncated or corrupted?): {e}") from None
