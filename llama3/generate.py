@@ -33,6 +33,11 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     """logits (B, V) -> next token ids (B,)."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits, params), 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """logits (B, V) -> the distribution sampling draws from: temperature, then top-k, then top-p (temperature > 0)."""
     logits = logits.float() / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -44,13 +49,21 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs > params.top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     if seed is None:
         return None
     return torch.Generator(device=device).manual_seed(seed)
+
+
+def cache_dtype(model: Transformer) -> torch.dtype:
+    """The KV cache's dtype, which is also the attention's: the model's, except fp32 on CPU, where torch's bf16
+    attention kernel is ~10x slower than its fp32 one (no AMX) and the cache is small anyway."""
+    weight = model.norm.weight
+    return torch.float32 if weight.device.type == "cpu" else weight.dtype
 
 
 def check_prompt_lengths(prompts: list[list[int]], context: int) -> None:
@@ -63,7 +76,8 @@ def check_prompt_lengths(prompts: list[list[int]], context: int) -> None:
 
 
 class DecodeStep:
-    """One decoding step over a static KV cache: tokens (B, 1) at positions (B, 1) -> logits (B, vocab).
+    """One decoding step over a static KV cache: tokens (B, T) at positions (B, T) -> logits (B, T, vocab), where
+    T is 1 in plain decoding and k + 1 when speculative decoding checks k drafted tokens.
 
     The caller says how many cache positions the step attends to (kv_len, known on the host: no device sync per
     token). With compile=True the step runs through torch.compile: one graph for every kv_len (that dimension is
@@ -78,7 +92,7 @@ class DecodeStep:
         self._fn = torch.compile(_decode, fullgraph=True) if compile else _decode
 
     def __call__(self, tokens: Tensor, positions: Tensor, cache: KVCache, kv_len: int) -> Tensor:
-        mask = torch.arange(kv_len, device=tokens.device) <= positions[:, None, :, None]  # (B, 1, 1, kv_len)
+        mask = torch.arange(kv_len, device=tokens.device) <= positions[:, None, :, None]  # (B, 1, T, kv_len)
         if not self.compile:
             return self._fn(self.model, tokens, positions, cache, mask)
         torch._dynamo.mark_dynamic(mask, 3)
@@ -91,7 +105,7 @@ class DecodeStep:
 
 
 def _decode(model: Transformer, tokens: Tensor, positions: Tensor, cache: KVCache, mask: Tensor) -> Tensor:
-    return model(tokens, positions, cache, attn_mask=mask)[:, -1]
+    return model(tokens, positions, cache, attn_mask=mask)
 
 
 @torch.inference_mode()
@@ -113,7 +127,7 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], *, max_new_tok
     if max_new_tokens <= 0:
         return
     B = len(prompts)
-    cache = KVCache(model.args, B, T + max_new_tokens, dtype=model.norm.weight.dtype, device=device)
+    cache = KVCache(model.args, B, T + max_new_tokens, dtype=cache_dtype(model), device=device)
     tokens = torch.zeros(B, T, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
@@ -131,7 +145,7 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], *, max_new_tok
         if all(done) or i == max_new_tokens - 1:
             return
         # The new token of step i sits at position len + i; the longest row needs T + i + 1 cache positions.
-        logits = step(next_tokens[:, None], (lengths + i)[:, None], cache, kv_len=T + i + 1)
+        logits = step(next_tokens[:, None], (lengths + i)[:, None], cache, kv_len=T + i + 1)[:, -1]
 
 
 class TextStream:

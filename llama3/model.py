@@ -107,10 +107,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v, positions, kv_len)  # (B, kv_len, n_kv_heads, head_dim)
-            k, v = k.to(q.dtype), v.to(q.dtype)
+            q = q.to(k.dtype)  # attention runs in the cache's dtype
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first for attention
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
 
 
 class FeedForward(nn.Module):
