@@ -89,6 +89,7 @@ class DecodeStep:
         self.model = model
         self.compile = compile
         self.compile_seconds: float | None = None
+        self._seen_cache: KVCache | None = None
         self._fn = torch.compile(_decode, fullgraph=True) if compile else _decode
 
     def __call__(self, tokens: Tensor, positions: Tensor, cache: KVCache, kv_len: int) -> Tensor:
@@ -96,6 +97,10 @@ class DecodeStep:
         if not self.compile:
             return self._fn(self.model, tokens, positions, cache, mask)
         torch._dynamo.mark_dynamic(mask, 3)
+        if cache is not self._seen_cache:  # each generation sizes its own cache: one graph for all sizes
+            for t in cache.k + cache.v:
+                torch._dynamo.mark_dynamic(t, 1)
+            self._seen_cache = cache
         if self.compile_seconds is not None:
             return self._fn(self.model, tokens, positions, cache, mask)
         start = time.perf_counter()
