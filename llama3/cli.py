@@ -192,18 +192,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for fn in VERBS:
         add_verb(sub, fn)
+    # Verb groups with sub-commands build their own parsers next to their code.
+    from .data.prepare import add_data_parser, cli_data
+    add_data_parser(sub).set_defaults(_run=cli_data)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
-    fn = args.pop("_fn")
+    namespace = build_parser().parse_args(argv)
+    args = vars(namespace)
+    fn = args.pop("_fn", None)
     from .hub import PullError
     from .weights import WeightsError
     try:
-        fn(**args)
+        if fn is None:
+            namespace._run(namespace)
+        else:
+            fn(**args)
     except (WeightsError, PullError, ValueError) as e:
-        print(f"llama3 {fn.__name__}: error: {e}", file=sys.stderr)
+        print(f"llama3: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -23,10 +23,13 @@ def save_tokenizer(tokenizer, chat_template: str | None, path: Path, layout: str
         target = path / "tokenizer.model" if layout == "meta" else path / "original" / "tokenizer.model"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(model_file, target)
+        if chat_template is not None:
+            (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": chat_template}, indent=2))
     elif tokenizer is not None:
-        (path / "tokenizer.json").write_text(json.dumps(tokenizer.to_hf_json(), ensure_ascii=False))
-    if chat_template is not None:
-        (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": chat_template}, indent=2))
+        data, config = tokenizer.to_tokenizer_json()
+        config["chat_template"] = chat_template
+        (path / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def save_checkpoint(path: Path, args: ModelArgs, state_dict: dict[str, Tensor], *, layout: str = "hf",

@@ -99,7 +99,7 @@ def read_tokenizer(path: Path):
             return Tokenizer(str(candidate)), None
     if (path / "tokenizer.json").exists():
         from ..tokenizer import BPETokenizer
-        return BPETokenizer.from_hf_json(path / "tokenizer.json"), template
+        return BPETokenizer.from_tokenizer_json(path / "tokenizer.json"), template
     return None, template
 
 
