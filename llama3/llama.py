@@ -5,14 +5,25 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
+from torch import nn
 
 from .args import ModelArgs
 from .generate import DecodeStep, SamplingParams, TextStream, generate_tokens
 from .hub import resolve
 from .model import Transformer
 from .weights import Checkpoint, WeightsError, check_state_dict, read_checkpoint
+
+
+def meta_model(args: ModelArgs) -> Transformer:
+    """The model on the meta device: shapes only, no memory, to be filled with load_state_dict(assign=True).
+
+    nn.Embedding's default initialisation is skipped: normal_ has no meta kernel in torch 2.13, so it runs a Python
+    reference that first imports torch._dynamo, seconds spent on weights that are about to be replaced."""
+    with torch.device("meta"), patch.object(nn.Embedding, "reset_parameters", lambda self: None):
+        return Transformer(args)
 
 
 def build_model(ckpt: Checkpoint, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -23,8 +34,7 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype | None = None, device: str 
         from .quantize import COMPUTE_DTYPE, build_quantized_model
         return build_quantized_model(ckpt.args, ckpt.state_dict, group_size=quantization["group_size"],
                                      device=device, dtype=dtype or COMPUTE_DTYPE)
-    with torch.device("meta"):
-        model = Transformer(ckpt.args)
+    model = meta_model(ckpt.args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if ckpt.args.tie_embeddings:
         expected.pop("output.weight")

@@ -22,6 +22,7 @@ Kernel-specific packing happens when a model is built for a device.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -124,9 +125,8 @@ class Int4Linear(nn.Module):
         self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
         self.group_size = group_size
         if packed.device.type == "cpu":
-            # The CPU kernel's own layout, from one int32 per weight; scales and zeros interleaved (in/g, out, 2).
-            weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(packed).int(), 1)
-            self.register_buffer("weight", weight)
+            # The CPU kernel's own layouts: weights interleaved in blocks of rows, scales and zeros (in/g, out, 2).
+            self.register_buffer("weight", pack_for_cpu_kernel(unpack_nibbles(packed)))
             self.register_buffer("scales_and_zeros", torch.stack((scales.t(), zeros.t()), dim=-1).contiguous())
         else:
             self.register_buffer("weight", packed)
@@ -139,6 +139,27 @@ class Int4Linear(nn.Module):
                                                              self.group_size, self.scales_and_zeros)
             return out.view(*x.shape[:-1], self.out_features)
         return F.linear(x, dequantize_int4(self.weight, self.scales, self.zeros).to(x.dtype))
+
+
+def pack_for_cpu_kernel(q: Tensor) -> Tensor:
+    """(out, in) uint8 values 0..15 -> the layout of torch's CPU int4 kernel.
+
+    torch's converter wants one int32 per weight (4x the memory, slow for big models). With AVX-512 its layout is
+    simple: per block of 64 rows and per column, 32 bytes holding row j in the low nibble and row j + 32 in the high
+    one. We write that directly when a probe shows this machine's converter uses it, and defer to torch otherwise."""
+    if q.shape[0] % 64 or not _cpu_layout_is_blocks_of_64():
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1)
+    rows, cols = q.shape
+    blocks = q.view(rows // 64, 2, 32, cols)  # (row block, low/high half, row in half, column)
+    return (blocks[:, 0] | (blocks[:, 1] << 4)).transpose(1, 2).contiguous().view(rows, cols // 2)
+
+
+@functools.cache
+def _cpu_layout_is_blocks_of_64() -> bool:
+    probe = torch.randint(0, 16, (128, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    blocks = probe.view(2, 2, 32, 64)
+    ours = (blocks[:, 0] | (blocks[:, 1] << 4)).transpose(1, 2).contiguous().view(128, 32)
+    return torch.equal(ours, torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.int(), 1))
 
 
 class Int8Embedding(nn.Module):
@@ -242,8 +263,8 @@ def build_quantized_model(args: ModelArgs, state_dict: dict[str, Tensor], *, gro
                           device: str | torch.device = "cpu", dtype: torch.dtype = COMPUTE_DTYPE) -> Transformer:
     """A Transformer whose linears and embeddings are the quantized modules, from portable quantized tensors
     (consumed as they are placed, so each exists once)."""
-    with torch.device("meta"):
-        model = Transformer(args)
+    from .llama import meta_model
+    model = meta_model(args)
     sd = state_dict
 
     def take(name: str) -> Tensor:

@@ -7,7 +7,8 @@ import torch
 from llama3.generate import generate_tokens
 from llama3.llama import build_model
 from llama3.quantize import (Int4Linear, Int8Embedding, Int8Linear, QuantizationError, dequantize_int4,
-                             is_layer_linear, pack_nibbles, quantize, quantize_int4, quantize_int8, quantize_model,
+                             is_layer_linear, pack_for_cpu_kernel, pack_nibbles, quantize, quantize_int4, quantize_int8,
+                             quantize_model,
                              unpack_nibbles)
 from llama3.weights import read_checkpoint
 from llama3.weights.gguf import dequantize
@@ -177,3 +178,9 @@ def test_corrupted_quantized_config(tmp_path):
     (tmp_path / "q" / "quantization.json").write_text('{"format": "llama3-quantized"}')
     with pytest.raises(WeightsError, match=r"quantization\.json: missing key 'args'"):
         read_checkpoint(tmp_path / "q")
+
+
+@pytest.mark.parametrize("rows", [128, 96])  # 96: not a whole number of 64-row blocks, torch's converter packs it
+def test_direct_int4_packing_equals_torchs_converter(rows):
+    q = torch.randint(0, 16, (rows, 64), dtype=torch.uint8)
+    assert torch.equal(pack_for_cpu_kernel(q), torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1))
