@@ -8,8 +8,7 @@ from llama3.generate import generate_tokens
 from llama3.llama import build_model
 from llama3.quantize import (Int4Linear, Int8Embedding, Int8Linear, QuantizationError, dequantize_int4,
                              is_layer_linear, pack_for_cpu_kernel, pack_nibbles, quantize, quantize_int4, quantize_int8,
-                             quantize_model,
-                             unpack_nibbles)
+                             quantize_model, unpack_nibbles)
 from llama3.weights import read_checkpoint
 from llama3.weights.gguf import dequantize
 
