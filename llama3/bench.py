@@ -83,6 +83,9 @@ def tensor_bytes(model: torch.nn.Module) -> int:
     """Bytes of the model's parameters and buffers, each storage counted once (tied weights share one)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_mkldnn:  # oneDNN's opaque layout has no storage to share
+            total += t.numel() * t.element_size()
+            continue
         key = t.untyped_storage().data_ptr()
         if key not in seen:
             seen.add(key)

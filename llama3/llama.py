@@ -122,11 +122,13 @@ class Llama:
 
 
 def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu", *,
-         quantize: str | None = None, group_size: int = 32, compile: bool = False) -> Llama:
+         quantize: str | None = None, group_size: int = 32, compile: bool = False, prepack: bool = False) -> Llama:
     """Load a Meta directory, HF directory, .gguf file, llama3 quantized directory, or a known model name (pulled
     on first use). quantize="int8" or "int4" quantizes the weights while loading (GGUF 4-bit blocks are kept as
     they are); the model then computes in bf16. compile=True compiles the decoding step with torch.compile on
-    first use (tens of seconds once; faster tokens after)."""
+    first use (tens of seconds once; faster tokens after). prepack=True reorders an fp32 CPU model's linear
+    weights for oneDNN (llama3/fast.py: faster prompts and speculative checks; inference only; no effect on other
+    dtypes, devices or quantized models)."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     path = resolve(source)
@@ -134,6 +136,10 @@ def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, devi
     if ckpt.tokenizer is None:
         raise WeightsError(f"{path}: no tokenizer found next to the weights")
     model = build_model(ckpt, dtype, device, str(path))
+    if prepack:
+        from .fast import can_prepack, prepack as prepack_linears
+        if can_prepack(model):
+            prepack_linears(model)
     from .tokenizer import chat_format_for
     chat_format = chat_format_for(ckpt.tokenizer, ckpt.chat_template)
     return Llama(model, ckpt.tokenizer, chat_format, name=str(source) if isinstance(source, str) else Path(source).name,
