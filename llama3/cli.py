@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from .hub import DEFAULT_MODEL
+from .serve import serve
 
 
 def generate(prompt: str, *, model: str = DEFAULT_MODEL, max_new_tokens: int = 256, temperature: float = 0.0,
@@ -135,7 +136,7 @@ def convert(src: str, dst: str, *, to: Literal["hf", "meta"], shards: int = 1, d
     print(dst)
 
 
-VERBS = [generate, chat, pull, models, convert]
+VERBS = [generate, chat, pull, models, convert, serve]
 
 
 # ---- parser generation -------------------------------------------------------------------------------------------
@@ -195,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Verb groups with sub-commands build their own parsers next to their code.
     from .data.prepare import add_data_parser, cli_data
     add_data_parser(sub).set_defaults(_run=cli_data)
+    from .eval.cli import add_eval_parser, cli_eval
+    add_eval_parser(sub).set_defaults(_run=cli_eval)
     return parser
 
 
