@@ -45,27 +45,34 @@ TARGETS = [
 
 class Ours:
     def __init__(self, args, quantize: str | None = None, draft: str | None = None):
+        from llama3.fast import can_prepack, prepack
         from llama3.llama import load
         with PeakMemory() as mem:
             start = time.perf_counter()
             self.llm = load(args.model, quantize=quantize, compile=args.compile)
             load_s = time.perf_counter() - start
+        self.info = {"load_s": load_s, "load_peak_mb": mem.grown / 1e6, "weights_mb": tensor_bytes(self.llm.model) / 1e6}
+        self.notes = []
+        if can_prepack(self.llm.model) and not args.no_prepack:  # fp32: oneDNN linears, timed apart from the load
+            start = time.perf_counter()
+            prepack(self.llm.model)
+            self.notes.append(f"prepack {time.perf_counter() - start:.2f} s")
         self.speculative = None
         if draft:
             from llama3.speculative import SpeculativeDecoder
             self.speculative = SpeculativeDecoder(self.llm.model, load(args.model, quantize=draft).model, k=args.k,
                                                   compile=args.compile)
-        self.info = {"load_s": load_s, "load_peak_mb": mem.grown / 1e6, "weights_mb": tensor_bytes(self.llm.model) / 1e6}
 
     def run(self, ids: list[int], n: int) -> Run:
         return time_stream(ours_stream(self.llm, ids, n, self.speculative), len(ids))
 
     def extra(self) -> dict:
         if self.speculative is None:
-            return {"compile_s": self.llm.decode_step.compile_seconds}
+            return {"compile_s": self.llm.decode_step.compile_seconds, "note": ", ".join(self.notes)}
         s = self.speculative
+        acceptance = f"acceptance {s.accepted / max(1, s.proposed):.0%}"
         return {"compile_s": sum(st.compile_seconds or 0 for st in (s.target_step, s.draft_step)) or None,
-                "note": f"acceptance {s.accepted / max(1, s.proposed):.0%}"}
+                "note": ", ".join(self.notes + [acceptance])}
 
 
 class HFTransformers:
@@ -132,7 +139,7 @@ class LlamaCpp:
 
 
 ENGINES = {
-    "ours-fp32": ("llama3 fp32", lambda a: Ours(a)),
+    "ours-fp32": ("llama3 fp32 (oneDNN prepacked)", lambda a: Ours(a)),
     "ours-int8": ("llama3 int8", lambda a: Ours(a, quantize="int8")),
     "ours-int4": ("llama3 int4", lambda a: Ours(a, quantize="int4")),
     "ours-spec": ("llama3 fp32 + int4 draft", lambda a: Ours(a, draft="int4")),
@@ -169,8 +176,7 @@ class Worker:
     def __init__(self, engine: str, args):
         cmd = [sys.executable, __file__, "--worker", engine, "--model", args.model, "--threads", str(args.threads),
                "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--k", str(args.k)]
-        if args.compile:
-            cmd.append("--compile")
+        cmd += ["--compile"] * args.compile + ["--no-prepack"] * args.no_prepack
         self.engine = engine
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.info = self._read()
@@ -242,6 +248,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="compile our decode step (torch.compile)")
+    p.add_argument("--no-prepack", action="store_true", help="keep our fp32 linears on torch's default (MKL) path")
     p.add_argument("--k", type=int, default=4, help="tokens drafted per step (ours-spec)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--worker", choices=list(ENGINES), help=argparse.SUPPRESS)

@@ -8,11 +8,13 @@ HF transformers and llama.cpp side by side.
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import resource
 import statistics
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -146,24 +148,32 @@ class Result:
         return statistics.median(getattr(r, attr) for r in self.runs)
 
 
-def measure_ours(model: str, *, quantize: str | None, compile: bool, prompt_tokens: int, new_tokens: int,
-                 rounds: int, draft: str | None = None, k: int = 4) -> Result:
+def measure_ours(model: str, *, quantize: str | None, prepack: bool, compile: bool, prompt_tokens: int,
+                 new_tokens: int, rounds: int, draft: str | None = None, k: int = 4) -> Result:
     """Load (timed, with its peak memory), warm up, then `rounds` timed greedy generations."""
     with PeakMemory(interval=0.02) as whole:  # sparse sampling: it runs alongside the timed generations
-        result = _measure_ours(model, quantize=quantize, compile=compile, prompt_tokens=prompt_tokens,
-                               new_tokens=new_tokens, rounds=rounds, draft=draft, k=k)
+        result = _measure_ours(model, quantize=quantize, prepack=prepack, compile=compile,
+                               prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds, draft=draft, k=k)
     result.peak_mb = whole.peak / 1e6
     return result
 
 
-def _measure_ours(model, *, quantize, compile, prompt_tokens, new_tokens, rounds, draft, k) -> Result:
+def _measure_ours(model, *, quantize, prepack, compile, prompt_tokens, new_tokens, rounds, draft, k) -> Result:
+    from .fast import can_prepack, prepack as prepack_linears
     from .llama import load
     with PeakMemory() as mem:
         start = time.perf_counter()
         llm = load(model, quantize=quantize, compile=compile)
         load_s = time.perf_counter() - start
-    speculative = None
+    weights_mb = tensor_bytes(llm.model) / 1e6  # as loaded (prepacking adds a copy of a tied output matrix)
     name = f"llama3 {quantize or str(llm.model.norm.weight.dtype).removeprefix('torch.')}"
+    prepack_s = None
+    if prepack and can_prepack(llm.model):  # timed apart from the load: an optional step of its own
+        start = time.perf_counter()
+        prepack_linears(llm.model)
+        prepack_s = time.perf_counter() - start
+        name += " oneDNN"
+    speculative = None
     if draft:
         from .speculative import SpeculativeDecoder
         draft_model = load(model, quantize=draft).model
@@ -176,8 +186,11 @@ def _measure_ours(model, *, quantize, compile, prompt_tokens, new_tokens, rounds
     runs = [time_stream(ours_stream(llm, ids, new_tokens, speculative), len(ids)) for _ in range(rounds)]
     compile_s = llm.decode_step.compile_seconds if speculative is None else \
         sum(s.compile_seconds or 0 for s in (speculative.target_step, speculative.draft_step))
-    note = f"acceptance {speculative.accepted / max(1, speculative.proposed):.0%}" if speculative else ""
-    return Result(name, load_s, mem.grown / 1e6, tensor_bytes(llm.model) / 1e6, runs, 0.0, compile_s, note)
+    notes = [f"prepack {prepack_s:.2f} s"] if prepack_s is not None else []
+    if speculative:
+        notes.append(f"acceptance {speculative.accepted / max(1, speculative.proposed):.0%}")
+    return Result(name, load_s, mem.grown / 1e6, weights_mb, runs, 0.0, compile_s,
+                  ", ".join(notes))
 
 
 def format_table(results: list[Result]) -> str:
@@ -197,8 +210,8 @@ def format_table(results: list[Result]) -> str:
 
 
 def bench(*, model: str = DEFAULT_MODEL, prompt_tokens: int = 512, new_tokens: int = 128, rounds: int = 3,
-          quantize: list[str] | None = None, compile: bool = False, draft: str | None = None, k: int = 4,
-          threads: int | None = None) -> None:
+          quantize: list[str] | None = None, prepack: bool = True, compile: bool = False, draft: str | None = None,
+          k: int = 4, threads: int | None = None) -> None:
     """Measure load time, prefill and decode speed, time to first token and peak memory on this machine.
 
     Args:
@@ -207,24 +220,32 @@ def bench(*, model: str = DEFAULT_MODEL, prompt_tokens: int = 512, new_tokens: i
         new_tokens: tokens generated per run (greedy, no early stop)
         rounds: measured runs per configuration (the median is shown)
         quantize: also measure these weight formats (int8, int4)
+        prepack: reorder fp32 linear weights for oneDNN on CPU (see llama3/fast.py)
         compile: compile the decode step with torch.compile (its one-time cost is shown next to the load time)
         draft: also measure speculative decoding with the model quantized to this format as the draft (int8, int4)
         k: tokens drafted per speculative step
-        threads: CPU threads (default: torch's choice)
+        threads: CPU threads (torch's choice if not given)
     """
+    from .hub import resolve
+    resolve(model)  # pull a known model once, before the measuring processes start
+    common = dict(prepack=prepack, compile=compile, prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds)
+    configs = [dict(quantize=scheme) for scheme in [None, *(quantize or [])]]
+    if draft:
+        configs.append(dict(quantize=None, draft=draft, k=k))
+    results = []
+    # Each configuration in a fresh process: its load time and memory are its own (a freed model's memory stays
+    # with the allocator and would flatter the next one's).
+    spawn = multiprocessing.get_context("spawn")
+    for config in configs:
+        what = f"a {config['draft']} draft" if config.get("draft") else config["quantize"] or "the weights as stored"
+        print(f"measuring {what} ...", flush=True)
+        with ProcessPoolExecutor(1, mp_context=spawn, initializer=_set_threads, initargs=(threads,)) as pool:
+            results.append(pool.submit(measure_ours, model, **config, **common).result())
+    used = threads or torch.get_num_threads()
+    print(f"\n{model}: prompt {prompt_tokens} tokens, {new_tokens} new tokens, {used} threads, median of {rounds}\n")
+    print(format_table(results))
+
+
+def _set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
-    configs = [None] + list(quantize or [])
-    results = []
-    for scheme in configs:
-        print(f"measuring {scheme or 'as stored'} ...", flush=True)
-        results.append(measure_ours(model, quantize=scheme, compile=compile, prompt_tokens=prompt_tokens,
-                                    new_tokens=new_tokens, rounds=rounds))
-        gc.collect()
-    if draft:
-        print(f"measuring speculative decoding with a {draft} draft ...", flush=True)
-        results.append(measure_ours(model, quantize=None, compile=compile, prompt_tokens=prompt_tokens,
-                                    new_tokens=new_tokens, rounds=rounds, draft=draft, k=k))
-    print(f"\n{model}: prompt {prompt_tokens} tokens, {new_tokens} new tokens, {torch.get_num_threads()} threads, "
-          f"median of {rounds}\n")
-    print(format_table(results))

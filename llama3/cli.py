@@ -11,7 +11,9 @@ import typing
 from pathlib import Path
 from typing import Literal
 
+from .bench import bench
 from .hub import DEFAULT_MODEL
+from .quantize import quantize
 from .serve import serve
 
 
@@ -136,7 +138,7 @@ def convert(src: str, dst: str, *, to: Literal["hf", "meta"], shards: int = 1, d
     print(dst)
 
 
-VERBS = [generate, chat, pull, models, convert, serve]
+VERBS = [generate, chat, pull, models, convert, serve, quantize, bench]
 
 
 # ---- parser generation -------------------------------------------------------------------------------------------

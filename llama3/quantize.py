@@ -311,8 +311,7 @@ def quantize(src: str, dst: str, *, int8: bool = False, int4: bool = False, grou
         dst: output directory
         int8: 8-bit weights with one scale per output channel
         int4: 4-bit weights in groups along the input dimension (embeddings and output stay 8-bit)
-        group_size: weights per int4 group; must divide the layers' input sizes (GGUF 4-bit blocks are kept
-            exactly with 32)
+        group_size: weights per int4 group, a divisor of the layers' input sizes (32 keeps GGUF 4-bit blocks exactly)
     """
     from pathlib import Path
 
