@@ -83,23 +83,37 @@ class DecodeStep:
     token). With compile=True the step runs through torch.compile: one graph for every kv_len (that dimension is
     marked dynamic), the cache updated in place, the per-token Python of ~30 layers reduced to one call. Compiling
     takes tens of seconds once per process (less with a warm inductor cache); `compile_seconds` records it.
+
+    cuda_graphs=True (for GPUs, where a small model's step is bound by kernel launches) compiles with CUDA graphs
+    instead: every step attends to the whole cache so shapes never change, and the cache tensors are marked as
+    static addresses, which lets a replayed graph update them in place. A new cache size records a new graph.
     """
 
-    def __init__(self, model: Transformer, *, compile: bool = False):
+    def __init__(self, model: Transformer, *, compile: bool = False, cuda_graphs: bool = False):
         self.model = model
-        self.compile = compile
+        self.compile = compile or cuda_graphs
+        self.cuda_graphs = cuda_graphs
         self.compile_seconds: float | None = None
         self._seen_cache: KVCache | None = None
-        self._fn = torch.compile(_decode, fullgraph=True) if compile else _decode
+        if not self.compile:
+            self._fn = _decode
+        else:
+            self._fn = torch.compile(_decode, fullgraph=True, mode="reduce-overhead" if cuda_graphs else None)
 
     def __call__(self, tokens: Tensor, positions: Tensor, cache: KVCache, kv_len: int) -> Tensor:
+        if self.cuda_graphs:
+            kv_len = cache.max_seq_len
         mask = torch.arange(kv_len, device=tokens.device) <= positions[:, None, :, None]  # (B, 1, T, kv_len)
         if not self.compile:
             return self._fn(self.model, tokens, positions, cache, mask)
-        torch._dynamo.mark_dynamic(mask, 3)
-        if cache is not self._seen_cache:  # each generation sizes its own cache: one graph for all sizes
+        if not self.cuda_graphs:
+            torch._dynamo.mark_dynamic(mask, 3)
+        if cache is not self._seen_cache:  # each generation sizes its own cache
             for t in cache.k + cache.v:
-                torch._dynamo.mark_dynamic(t, 1)
+                if self.cuda_graphs:
+                    torch._dynamo.mark_static_address(t)
+                else:  # one graph for all cache sizes
+                    torch._dynamo.mark_dynamic(t, 1)
             self._seen_cache = cache
         if self.compile_seconds is not None:
             return self._fn(self.model, tokens, positions, cache, mask)
