@@ -5,8 +5,8 @@ models shaped like Llama 3.2 1B and Llama 3 8B (no download: the weights are ran
     python benchmarks/gpu_check.py --device cpu --presets debug     # smoke test of the script itself
 
 For each shape it measures, with the same code the CPU uses (llama3.model, llama3.generate.DecodeStep):
-  decode   tokens/s of batch-1 greedy decoding, eager and compiled with CUDA graphs (--modes adds plain compiled); the roof is the
-           measured copy bandwidth divided by the bytes read per token (all weights + the KV cache in use);
+  decode   tokens/s of batch-1 greedy decoding, eager and compiled with CUDA graphs (--modes can add plain
+           compiled); the roof is the measured copy bandwidth over the bytes read per token (weights + KV cache);
   prefill  tokens/s over one prompt and the matmul FLOP/s it reaches against a large bf16 matmul's rate.
 Every phase is guarded: a failure prints its reason and the check goes on.
 """
