@@ -41,7 +41,14 @@ def write_random_checkpoint(path: Path, args: ModelArgs) -> int:
         shapes.pop("output.weight")
     path.mkdir(parents=True, exist_ok=True)
     pool = torch.randn(64 << 20, dtype=torch.bfloat16) * 0.02  # slices of one random block: fast to make
-    shards, current, size = [], {}, 0
+    weight_map, current, size = {}, {}, 0
+
+    def flush():
+        shard = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        save_file(current, str(path / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(current, shard))
+        current.clear()
+
     for name, shape in shapes.items():
         numel = torch.Size(shape).numel()
         start = int(torch.randint(0, pool.numel() - min(numel, pool.numel()) + 1, ()))
@@ -49,13 +56,10 @@ def write_random_checkpoint(path: Path, args: ModelArgs) -> int:
         current[hf_name(name)] = flat.reshape(shape).clone()
         size += numel * 2
         if size >= SHARD_BYTES:
-            shards.append(current)
-            save_file(current, str(path / f"model-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
-            current, size = {}, 0
+            flush()
+            size = 0
     if current:
-        shards.append(current)
-        save_file(current, str(path / f"model-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
-    weight_map = {name: f"model-{i + 1:05d}.safetensors" for i, shard in enumerate(shards) for name in shard}
+        flush()
     (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (path / "config.json").write_text(json.dumps(config_from_args(args, torch.bfloat16), indent=2))
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
