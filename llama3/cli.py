@@ -11,7 +11,9 @@ import typing
 from pathlib import Path
 from typing import Literal
 
+from .bench import bench
 from .hub import DEFAULT_MODEL
+from .quantize import quantize
 from .serve import serve
 from .train import train
 
@@ -137,7 +139,7 @@ def convert(src: str, dst: str, *, to: Literal["hf", "meta"], shards: int = 1, d
     print(dst)
 
 
-VERBS = [generate, chat, pull, models, convert, serve, train]
+VERBS = [generate, chat, pull, models, convert, quantize, bench, serve, train]
 
 
 # ---- parser generation -------------------------------------------------------------------------------------------
