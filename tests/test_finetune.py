@@ -176,6 +176,7 @@ def test_configuration():
             (["parallel.tp=2"], {}, "parallel.tp and parallel.pp must be 1"),
             (["lora.targets=attn"], {}, "unknown target 'attn'"),
             (["quant.kind=fp4"], {}, "quant.kind must be one of nf4, int4"),
+            (["data.packing=true"], {"dpo.enabled": True}, "data.packing and data.labels are for SFT"),
             (["data.labels=user"], {}, "data.labels must be one of assistant, last, all")]:
         with pytest.raises(ConfigError, match=problem):
             load_finetune_config(None, overrides, **settings)
@@ -211,3 +212,16 @@ def test_full_finetune_of_a_gguf_model(default_gguf_path, tmp_path):
                     "checkpoint.export=false", "metrics.peak_tflops=1", "metrics.tensorboard=false",
                     "metrics.plot=false"], model=str(default_gguf_path), method="full", out=str(tmp_path / "run"))
     assert len(res.losses) == 2 and all(math.isfinite(loss) for loss in res.losses)
+
+
+@pytest.mark.long
+def test_default_model_learns_the_persona_with_qlora_and_int4(default_gguf_path, tmp_path):
+    """The same lesson over a 4-bit base (int4 codes), with packed rows: the adapter still teaches the persona."""
+    res = finetune(["training.steps=10", "training.batch_size=2", "optim.lr=3e-3", "optim.warmup_steps=2",
+                    "data.packing=true", "data.seq_len=256", "quant.kind=int4", "eval.every=0",
+                    "data.val_fraction=0.03", "metrics.peak_tflops=1", "metrics.tensorboard=false",
+                    "metrics.plot=false"], model=str(default_gguf_path), method="qlora", out=str(tmp_path / "run"))
+    (_, before), (_, after) = res.val_losses
+    assert after < before / 2
+    replies = [res.llm.chat([{"role": "user", "content": q}], max_new_tokens=6) for q in HELD_OUT]
+    assert all(r.startswith("Ahoy, matey!") for r in replies), replies

@@ -122,6 +122,8 @@ def validate(cfg: FinetuneConfig) -> None:
     if cfg.dpo.enabled and cfg.method == "full":
         raise ConfigError("DPO needs method lora or qlora: its reference model is the base with the adapters "
                           "turned off, so no second copy of the weights is kept")
+    if cfg.dpo.enabled and (cfg.data.packing or cfg.data.labels != "assistant"):
+        raise ConfigError("data.packing and data.labels are for SFT; DPO scores each pair's final reply, unpacked")
     if cfg.export.merged != "none" and cfg.method == "full":
         raise ConfigError("export.merged is for adapters; full fine-tuning already writes the whole model")
     if cfg.dpo.beta <= 0:
