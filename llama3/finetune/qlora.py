@@ -52,7 +52,7 @@ def quantize_4bit(weight: Tensor, kind: QuantKind = "nf4", block_size: int = 64)
     return codes[:, 0::2] | (codes[:, 1::2] << 4), scales
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def byte_values(kind: QuantKind, device: torch.device) -> Tensor:
     """(256, 2): the values of the low and high code packed in each possible byte, before scaling."""
     levels = nf4_levels() if kind == "nf4" else torch.arange(-8, 8, dtype=torch.float32)
