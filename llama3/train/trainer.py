@@ -109,6 +109,13 @@ def restart_scoped_store() -> tuple[dist.Store, int, int]:
     return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store), rank, world_size
 
 
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The training dtype: "auto" is bf16 on GPU and fp32 on CPU (bf16 matmuls are slower than fp32 there)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -180,10 +187,7 @@ class Trainer:
     # ---- setup ---------------------------------------------------------------------------------------------------
 
     def resolve_dtype(self) -> torch.dtype:
-        name = self.cfg.training.dtype
-        if name == "auto":
-            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        return getattr(torch, name)
+        return resolve_dtype(self.cfg.training.dtype, self.device)
 
     def make_run_dir(self) -> Path:
         name = self.cfg.run.dir or f"runs/{self.cfg.model.preset}-{datetime.now():%Y%m%d-%H%M%S}"
