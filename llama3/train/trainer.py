@@ -358,6 +358,7 @@ class Trainer:
                 self.step = step
                 self.log(f"step {step}: batch skipped (faults.skip_steps)")
                 continue
+            lr = self.schedulers[0].get_last_lr()[0]  # the rate this step uses
             start = time.perf_counter()
             loss, grad_norm, problem = self.train_step(poison=self.injector.due("nan", step))
             synchronize(self.device)
@@ -374,7 +375,7 @@ class Trainer:
             if self.writer is not None and (self.step % cfg.training.log_every == 0 or self.step == 1):
                 flops = self.flops_per_token * tokens_per_step / elapsed / self.world_size
                 self.writer.log({
-                    "step": self.step, "loss": loss, "lr": self.schedulers[0].get_last_lr()[0],
+                    "step": self.step, "loss": loss, "lr": lr,
                     "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / elapsed,
                     "tokens_per_s_per_device": tokens_per_step / elapsed / self.world_size,
                     "tflops_per_device": flops / 1e12, "mfu": flops / self.peak_flops,
