@@ -2,8 +2,9 @@
 
 Each method runs in a fresh process (`python -m llama3.finetune`), so one run's memory cannot show up in
 another's peak. Peak memory is measured from after setup: on CUDA the peak allocated memory, on CPU the peak
-resident set of the process (which includes the Python runtime and libraries, ~0.3 GiB). Tokens per second
-exclude the first step.
+resident set of the process (which includes the Python runtime and libraries, ~0.4 GiB), with glibc told to map
+large blocks directly so that freed memory leaves the resident set at once (the peak then measures live memory,
+not the allocator's cache). Tokens per second exclude the first step.
 
     python benchmarks/bench_finetune.py                          # the default model, 6 steps of 8 x ~70 tokens
     python benchmarks/bench_finetune.py --steps 10 --extra training.activation_checkpointing=full
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,7 +27,8 @@ def run(method: str, model: str, steps: int, batch_size: int, extra: list[str], 
     cmd = [sys.executable, "-m", "llama3.finetune", "--model", model, "--method", method, "--out", str(out),
            f"training.steps={steps}", f"training.batch_size={batch_size}", "training.log_every=1", "eval.every=-1",
            "checkpoint.export=false", "metrics.plot=false", "metrics.tensorboard=false", *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         sys.exit(f"{method} failed:\n{done.stderr[-3000:]}")
     return json.loads((out / "summary.json").read_text())
