@@ -95,6 +95,9 @@ def test_layout_from_world_size():
         resolve_layout(load_config(None, ["parallel.tp=4", "model.preset=debug-tiny"]), 4)
     with pytest.raises(ConfigError, match="multiple of micro_batch_size x dp"):
         resolve_layout(load_config(None, ["training.batch_size=6", "training.micro_batch_size=4"]), 1)
+    with pytest.raises(ConfigError, match="1F1B needs at least one per stage"):
+        resolve_layout(load_config(None, ["parallel.pp=2", "model.preset=debug-tiny", "parallel.pp_microbatches=1"]),
+                       2)
     with pytest.raises(ConfigError, match="untied embeddings"):
         resolve_layout(load_config(None, ["parallel.pp=2", "model.preset=debug-tiny",
                                           "model.args.tie_embeddings=true"]), 2)
@@ -260,6 +263,7 @@ def test_training_run_end_to_end(tmp_path):
                 "peak_mem_gib", "step_time_s", "tokens_seen"):
         assert key in steps[0]
     assert 0 < steps[-1]["mfu"] < 1 and steps[-1]["tokens_seen"] == 30 * 4 * 32
+    assert steps[0]["lr"] == pytest.approx(1e-2 / 2) and steps[1]["lr"] == pytest.approx(1e-2)  # warmup of 2
     val = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in val] == [10, 20, 30] and val[-1]["val_loss"] < val[0]["val_loss"]
     assert (run / "loss.png").stat().st_size > 1000

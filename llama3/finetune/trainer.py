@@ -36,7 +36,7 @@ from ..train.config import ConfigError, Layout
 from ..train.data import document_mask
 from ..train.metrics import MetricsWriter, flops_per_token, matmul_params, measure_peak_flops, plot_losses, synchronize
 from ..train.parallelize import build_mesh, parallelize
-from ..train.trainer import build_optimizer, init_distributed, lr_multiplier, plain
+from ..train.trainer import build_optimizer, init_distributed, lr_multiplier, plain, resolve_dtype
 from .config import FinetuneConfig
 from .data import IGNORE, Batches, as_row, collate, fixed_batches, load_preferences, load_sft, pack, split_validation
 from .dpo import dpo_loss, sequence_logps
@@ -177,10 +177,7 @@ class Finetuner:
     # ---- setup ------------------------------------------------------------------------------------------------------
 
     def resolve_dtype(self) -> torch.dtype:
-        name = self.cfg.training.dtype
-        if name == "auto":
-            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        return getattr(torch, name)
+        return resolve_dtype(self.cfg.training.dtype, self.device)
 
     def make_run_dir(self) -> Path:
         kind = "dpo" if self.cfg.dpo.enabled else "sft"

@@ -317,8 +317,13 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> Layout:
                           f"({micro} x {dp})")
     if p.pp > 1:
         n_micro = p.pp_microbatches or p.pp
-        if micro % n_micro:
+        if n_micro < 1 or micro % n_micro:
             raise ConfigError(f"parallel.pp_microbatches {n_micro} must divide the micro batch of {micro} sequences")
+        if p.pp_schedule == "1f1b" and n_micro < p.pp:
+            raise ConfigError(f"parallel.pp_microbatches {n_micro}: 1F1B needs at least one per stage ({p.pp})")
+        rounds = max(1, n_micro // p.pp)
+        if p.pp_schedule == "interleaved-1f1b" and n_micro % rounds:
+            raise ConfigError(f"parallel.pp_microbatches {n_micro}: interleaved 1F1B needs a multiple of {rounds}")
     args = cfg.model_args()
     for name, heads in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads)):
         if heads % p.tp:

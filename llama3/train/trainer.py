@@ -109,6 +109,13 @@ def restart_scoped_store() -> tuple[dist.Store, int, int]:
     return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store), rank, world_size
 
 
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The training dtype: "auto" is bf16 on GPU and fp32 on CPU (bf16 matmuls are slower than fp32 there)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -180,10 +187,7 @@ class Trainer:
     # ---- setup ---------------------------------------------------------------------------------------------------
 
     def resolve_dtype(self) -> torch.dtype:
-        name = self.cfg.training.dtype
-        if name == "auto":
-            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        return getattr(torch, name)
+        return resolve_dtype(self.cfg.training.dtype, self.device)
 
     def make_run_dir(self) -> Path:
         name = self.cfg.run.dir or f"runs/{self.cfg.model.preset}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -354,6 +358,7 @@ class Trainer:
                 self.step = step
                 self.log(f"step {step}: batch skipped (faults.skip_steps)")
                 continue
+            lr = self.schedulers[0].get_last_lr()[0]  # the rate this step uses
             start = time.perf_counter()
             loss, grad_norm, problem = self.train_step(poison=self.injector.due("nan", step))
             synchronize(self.device)
@@ -370,7 +375,7 @@ class Trainer:
             if self.writer is not None and (self.step % cfg.training.log_every == 0 or self.step == 1):
                 flops = self.flops_per_token * tokens_per_step / elapsed / self.world_size
                 self.writer.log({
-                    "step": self.step, "loss": loss, "lr": self.schedulers[0].get_last_lr()[0],
+                    "step": self.step, "loss": loss, "lr": lr,
                     "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / elapsed,
                     "tokens_per_s_per_device": tokens_per_step / elapsed / self.world_size,
                     "tflops_per_device": flops / 1e12, "mfu": flops / self.peak_flops,
