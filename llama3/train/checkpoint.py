@@ -1,9 +1,9 @@
 """Training checkpoints with torch.distributed.checkpoint (DCP), and the final export in `llama3.load`'s format.
 
 A training checkpoint is a directory `step-NNNNNNNN` holding everything needed to continue exactly: model and
-optimizer state (each rank writes its own shards; names are the unsharded model's, so a checkpoint can be loaded
-under another parallel layout), learning-rate schedule and data position. DCP writes `.metadata` last, so a
-directory without it is an interrupted save and is ignored.
+optimizer state (each rank writes its own shards under the unsharded model's names, so they load into another
+tensor / pipeline / FSDP layout), learning-rate schedule and data position (which needs the same number of
+data-parallel ranks). DCP writes `.metadata` last, so a directory without it is an interrupted save and is ignored.
 """
 
 from __future__ import annotations

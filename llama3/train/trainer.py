@@ -335,11 +335,11 @@ class Trainer:
         return losses
 
     def describe(self) -> str:
-        l, a = self.layout, self.args
-        return (f"training {self.cfg.model.preset} ({a.num_params() / 1e6:.1f}M parameters) on {self.world_size} "
-                f"{self.device.type} process(es): dp_replicate={l.dp_replicate} dp_shard={l.dp_shard} tp={l.tp} "
-                f"pp={l.pp}, {self.cfg.training.batch_size} x {self.cfg.data.seq_len} tokens per step "
-                f"(micro batch {l.micro_batch_size}, {l.grad_accum} accumulation), {self.dtype}, "
+        layout, args, cfg = self.layout, self.args, self.cfg
+        return (f"training {cfg.model.preset} ({args.num_params() / 1e6:.1f}M parameters) on {self.world_size} "
+                f"{self.device.type} process(es): dp_replicate={layout.dp_replicate} dp_shard={layout.dp_shard} "
+                f"tp={layout.tp} pp={layout.pp}, {cfg.training.batch_size} x {cfg.data.seq_len} tokens per step "
+                f"(micro batch {layout.micro_batch_size}, {layout.grad_accum} accumulation), {self.dtype}, "
                 f"peak {self.peak_flops / 1e12:.3g} TFLOP/s per device -> {self.run_dir}")
 
     def export(self, path: Path) -> None:
