@@ -5,21 +5,36 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
+from torch import nn
 
 from .args import ModelArgs
-from .generate import SamplingParams, TextStream, generate_tokens
+from .generate import DecodeStep, SamplingParams, TextStream, generate_tokens
 from .hub import resolve
 from .model import Transformer
 from .weights import Checkpoint, WeightsError, check_state_dict, read_checkpoint
 
 
+def meta_model(args: ModelArgs) -> Transformer:
+    """The model on the meta device: shapes only, no memory, to be filled with load_state_dict(assign=True).
+
+    nn.Embedding's default initialisation is skipped: normal_ has no meta kernel in torch 2.13, so it runs a Python
+    reference that first imports torch._dynamo, seconds spent on weights that are about to be replaced."""
+    with torch.device("meta"), patch.object(nn.Embedding, "reset_parameters", lambda self: None):
+        return Transformer(args)
+
+
 def build_model(ckpt: Checkpoint, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                 source: str = "") -> Transformer:
     """Create the model on the meta device and adopt the checkpoint's tensors, so no weights exist twice."""
-    with torch.device("meta"):
-        model = Transformer(ckpt.args)
+    quantization = ckpt.metadata.get("quantization")
+    if quantization:  # portable quantized tensors (llama3/quantize.py): quantized modules, bf16 activations
+        from .quantize import COMPUTE_DTYPE, build_quantized_model
+        return build_quantized_model(ckpt.args, ckpt.state_dict, group_size=quantization["group_size"],
+                                     device=device, dtype=dtype or COMPUTE_DTYPE)
+    model = meta_model(ckpt.args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if ckpt.args.tie_embeddings:
         expected.pop("output.weight")
@@ -36,11 +51,12 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype | None = None, device: str 
 
 
 class Llama:
-    def __init__(self, model: Transformer, tokenizer, chat_format=None, name: str = ""):
+    def __init__(self, model: Transformer, tokenizer, chat_format=None, name: str = "", compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.chat_format = chat_format
         self.name = name
+        self.decode_step = DecodeStep(model, compile=compile)  # compiled on first use when asked
 
     @property
     def args(self) -> ModelArgs:
@@ -63,7 +79,7 @@ class Llama:
         finished = [False] * len(prompt_ids)
         params = SamplingParams(temperature, top_p, top_k, seed)
         for step in generate_tokens(self.model, prompt_ids, max_new_tokens=max_new_tokens, params=params,
-                                    stop_ids=self.tokenizer.stop_ids):
+                                    stop_ids=self.tokenizer.stop_ids, step=self.decode_step):
             deltas = [""] * len(prompt_ids)
             for i, token in enumerate(step):
                 if token is None or finished[i]:
@@ -105,15 +121,26 @@ class Llama:
         return self.stream_ids(self.encode_chat(messages), **kwargs)
 
 
-def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> Llama:
-    """Load a Meta directory, HF directory, .gguf file, or a known model name (pulled on first use)."""
+def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu", *,
+         quantize: str | None = None, group_size: int = 32, compile: bool = False, prepack: bool = False) -> Llama:
+    """Load a Meta directory, HF directory, .gguf file, llama3 quantized directory, or a known model name (pulled
+    on first use). quantize="int8" or "int4" quantizes the weights while loading (GGUF 4-bit blocks are kept as
+    they are); the model then computes in bf16. compile=True compiles the decoding step with torch.compile on
+    first use (tens of seconds once; faster tokens after). prepack=True reorders an fp32 CPU model's linear
+    weights for oneDNN (llama3/fast.py: faster prompts and speculative checks; inference only; no effect on other
+    dtypes, devices or quantized models)."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     path = resolve(source)
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, quantize, group_size)
     if ckpt.tokenizer is None:
         raise WeightsError(f"{path}: no tokenizer found next to the weights")
     model = build_model(ckpt, dtype, device, str(path))
+    if prepack:
+        from .fast import can_prepack, prepack as prepack_linears
+        if can_prepack(model):
+            prepack_linears(model)
     from .tokenizer import chat_format_for
     chat_format = chat_format_for(ckpt.tokenizer, ckpt.chat_template)
-    return Llama(model, ckpt.tokenizer, chat_format, name=str(source) if isinstance(source, str) else Path(source).name)
+    return Llama(model, ckpt.tokenizer, chat_format, name=str(source) if isinstance(source, str) else Path(source).name,
+                 compile=compile)

@@ -62,27 +62,37 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Static, preallocated keys and values of every layer: (n_layers, max_batch, max_seq_len, n_kv_heads, head_dim).
+    """Static, preallocated keys and values: per layer, k[layer] and v[layer] of (max_batch, max_seq_len,
+    n_kv_heads, head_dim).
 
     Batch row b of a forward pass uses cache row b. Entries past a row's current position may hold stale values;
-    the attention mask hides them, and they are zero-initialised so they can never inject NaNs.
+    the attention mask hides them, and they are zero-initialised so they can never inject NaNs. Each layer owns a
+    separate tensor (not a view of one big one) so that a compiled step updates it in place instead of copying it.
     """
 
     def __init__(self, args: ModelArgs, max_batch: int, max_seq_len: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len or args.max_seq_len
-        shape = (args.n_layers, max_batch, self.max_seq_len, args.n_kv_heads, args.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (max_batch, self.max_seq_len, args.n_kv_heads, args.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
 
     def update(self, layer: int, xk: Tensor, xv: Tensor, positions: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
         """Store this step's keys/values at their positions; return each row's first kv_len cached entries."""
         B = xk.shape[0]
         rows = torch.arange(B, device=xk.device)[:, None]
-        self.k[layer, rows, positions] = xk.to(self.k.dtype)
-        self.v[layer, rows, positions] = xv.to(self.v.dtype)
-        return self.k[layer, :B, :kv_len], self.v[layer, :B, :kv_len]
+        k, v = self.k[layer], self.v[layer]
+        k[rows, positions] = xk.to(k.dtype)
+        v[rows, positions] = xv.to(v.dtype)
+        return k[:B, :kv_len], v[:B, :kv_len]
+
+    def copy_rows(self, dst_rows, src: KVCache, src_rows, length: int) -> None:
+        """Copy the first `length` positions of `src`'s rows into rows of this cache, in every layer (moving a
+        request between batches, or sharing a computed prefix)."""
+        for dst_layers, src_layers in ((self.k, src.k), (self.v, src.v)):
+            for dst, s in zip(dst_layers, src_layers):
+                dst[dst_rows, :length] = s[src_rows, :length]
 
 
 class Attention(nn.Module):
@@ -105,10 +115,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v, positions, kv_len)  # (B, kv_len, n_kv_heads, head_dim)
-            k, v = k.to(q.dtype), v.to(q.dtype)
+            q = q.to(k.dtype)  # attention runs in the cache's dtype
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first for attention
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
 
 
 class FeedForward(nn.Module):
@@ -161,12 +171,13 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         cos, sin = rope_cos_sin(self.args, positions)
         kv_len = 0
-        if cache is not None:
+        if cache is not None and attn_mask is not None:
+            kv_len = attn_mask.shape[-1]  # the caller's mask covers the cached positions; no host sync needed
+        elif cache is not None:
             kv_len = int(positions.max()) + 1
             if kv_len > cache.max_seq_len:
                 raise ValueError(f"position {kv_len - 1} is past the KV cache length {cache.max_seq_len}")
-            if attn_mask is None:
-                attn_mask = torch.arange(kv_len, device=tokens.device) <= positions[:, None, :, None]
+            attn_mask = torch.arange(kv_len, device=tokens.device) <= positions[:, None, :, None]
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
             h = layer(h, cos, sin, attn_mask, cache, positions, kv_len)

@@ -284,19 +284,24 @@ class BPETokenizer(_TiktokenBase):
 
     @classmethod
     def from_gguf(cls, source) -> BPETokenizer:
-        """From a GGUF file's `tokenizer.ggml.*` metadata; `source` is a path or a `gguf.GGUFReader`."""
+        """From a GGUF file's `tokenizer.ggml.*` metadata; `source` is a path, a `gguf.GGUFReader`, or a parsed
+        `llama3.weights.gguf.GGUFFile` (its `metadata` dict)."""
         import gguf
 
-        reader = source if isinstance(source, gguf.GGUFReader) else gguf.GGUFReader(source)
-        where = str(getattr(reader.data, "filename", None) or source)
+        if hasattr(source, "metadata"):  # GGUFFile: metadata already parsed into Python values
+            fields, where = source.metadata, str(source.path)
+        else:
+            reader = source if isinstance(source, gguf.GGUFReader) else gguf.GGUFReader(source)
+            fields = {key: f.contents() for key, f in reader.fields.items() if key.startswith("tokenizer.")}
+            where = str(getattr(reader.data, "filename", None) or source)
         missing = object()
 
         def field(key, default=missing):
-            if key not in reader.fields:
+            if key not in fields:
                 if default is missing:
                     raise TokenizerError(f"{where}: GGUF metadata has no {key!r}")
                 return default
-            return reader.fields[key].contents()
+            return fields[key]
 
         if (model := field("tokenizer.ggml.model")) != "gpt2":
             raise TokenizerError(f"{where}: tokenizer.ggml.model is {model!r}; only 'gpt2' (byte-level BPE) is read")

@@ -93,7 +93,22 @@ class CheckpointConfig:
     every: int = 0  # a training checkpoint every N steps (0: only at the end)
     keep: int = 2  # most recent training checkpoints to keep
     resume: bool = True  # continue from the latest training checkpoint in the run directory, if there is one
+    every_minutes: float = 0.0  # also a checkpoint whenever this much wall time passed since the last (0: off)
+    async_save: bool = False  # write in the background while training goes on (see docs/RELIABILITY.md)
     export: bool = True  # at the end, write the model where `llama3.load` and `llama3 chat` read it (<dir>/model)
+    export_layout: Literal["hf", "meta"] = "hf"  # Hugging Face safetensors or Meta consolidated.00.pth
+
+
+@dataclass
+class FaultsConfig:
+    """Detection of and recovery from faults (docs/RELIABILITY.md), and the injector that proves it works."""
+    max_bad_steps: int = 3  # non-finite or spiking steps in a row that are skipped before rolling back
+    spike_zscore: float = 0.0  # a loss this many standard deviations above the recent mean is a spike (0: off)
+    spike_window: int = 50  # recent good steps the spike statistics are taken over
+    skip_steps: list[int] = field(default_factory=list)  # steps whose batch is consumed without an update
+    watchdog_timeout_s: float = 0.0  # a step (or save) longer than this dumps stacks and exits (0: off)
+    fingerprint_every: int = 0  # compare data-parallel replicas' parameter fingerprints every N steps (0: off)
+    inject: list[str] = field(default_factory=list)  # e.g. "kill:step=7:rank=1"; also $LLAMA3_FAULTS
 
 
 @dataclass
@@ -113,6 +128,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def to_dict(self) -> dict:
@@ -224,6 +240,10 @@ def check_type(value, hint, key: str, source: str):
             except ConfigError as e:
                 errors.append(e)
         raise errors[0]
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be a list; got {value!r}")
+        return [check_type(v, params[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
     if origin is Literal:
         if value not in params:
             raise ConfigError(f"{source}: {key} must be one of {', '.join(map(str, params))}; got {value!r}")
@@ -245,7 +265,9 @@ def validate(cfg: TrainConfig) -> None:
                 "data.seq_len": (cfg.data.seq_len, 1), "parallel.tp": (p.tp, 1), "parallel.pp": (p.pp, 1),
                 "parallel.dp_replicate": (p.dp_replicate, 1), "training.log_every": (t.log_every, 1),
                 "optim.warmup_steps": (o.warmup_steps, 0), "eval.steps": (cfg.eval.steps, 1),
-                "checkpoint.every": (cfg.checkpoint.every, 0), "checkpoint.keep": (cfg.checkpoint.keep, 1)}
+                "checkpoint.every": (cfg.checkpoint.every, 0), "checkpoint.keep": (cfg.checkpoint.keep, 1),
+                "faults.max_bad_steps": (cfg.faults.max_bad_steps, 1), "faults.spike_window": (cfg.faults.spike_window, 2),
+                "faults.fingerprint_every": (cfg.faults.fingerprint_every, 0)}
     for key, (value, least) in positive.items():
         if value < least:
             raise ConfigError(f"{key} must be at least {least}; got {value}")
@@ -257,6 +279,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.min_lr_ratio must be in [0, 1]; got {o.min_lr_ratio}")
     if not 0 < o.decay_ratio <= 1:
         raise ConfigError(f"optim.decay_ratio must be in (0, 1]; got {o.decay_ratio}")
+    from .faults import parse_faults
+    parse_faults(cfg.faults.inject, key="faults.inject")
     args = cfg.model_args()
     if cfg.data.seq_len > args.max_seq_len:
         raise ConfigError(f"data.seq_len {cfg.data.seq_len} is longer than the model's max_seq_len "

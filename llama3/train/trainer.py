@@ -11,8 +11,9 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import torch
@@ -24,10 +25,12 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from ..args import ModelArgs
 from ..model import Transformer
-from .checkpoint import (Checkpointer, ModelState, OptimizerState, broadcast_object, full_model_state_dict,
-                         is_rank0)
+from .checkpoint import (Checkpointer, ModelState, OptimizerState, RNGState, broadcast_object,
+                         full_model_state_dict, is_rank0)
 from .config import ConfigError, OptimConfig, TrainConfig, resolve_layout
 from .data import build_loader, data_tokenizer, dataset_dir, document_mask
+from .faults import FaultInjector, LossGuard, Watchdog, replica_mismatch
+from .goodput import Goodput
 from .metrics import MetricsWriter, flops_per_token, measure_peak_flops, peak_memory_gib, plot_losses, synchronize
 from .parallelize import build_mesh, parallelize
 from .pipeline import build_pipeline
@@ -87,12 +90,31 @@ def init_distributed(device_choice: str) -> tuple[torch.device, bool]:
     if use_cuda:
         torch.cuda.set_device(device)
     if distributed and not dist.is_initialized():
+        store, rank, world_size = restart_scoped_store()
         if use_cuda:
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, store=store, rank=rank, world_size=world_size)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     return device, distributed
 
+
+def restart_scoped_store() -> tuple[dist.Store, int, int]:
+    """torchrun keeps one key-value store across the restarts of a job. Scope this attempt's keys by the restart
+    count: otherwise the new ranks read the addresses the previous attempt's (dead) ranks left there and gloo
+    fails to connect."""
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=not agent_hosts_it and rank == 0, timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store), rank, world_size
+
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The training dtype: "auto" is bf16 on GPU and fp32 on CPU (bf16 matmuls are slower than fp32 there)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
@@ -138,10 +160,20 @@ class Trainer:
         self.val_start = self.val_data.state_dict() if self.val_data is not None else None
 
         self.step = 0
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.injector = FaultInjector(cfg.faults.inject, self.run_dir, self.rank)
+        self.guard = LossGuard(cfg.faults.spike_zscore, cfg.faults.spike_window)
+        self.skip_steps = set(cfg.faults.skip_steps) | self.read_skip_steps()
+        self.goodput = Goodput(self.run_dir, write=is_rank0())
+        self.watchdog = None
+        if cfg.faults.watchdog_timeout_s > 0:  # from here on: a hung checkpoint load is caught as well
+            self.watchdog = Watchdog(cfg.faults.watchdog_timeout_s, self.run_dir / f"hang-rank{self.rank}.txt")
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", {
             "model": ModelState(self.parts),
             "optimizer": OptimizerState(self.parts, self.optimizers),
-            "progress": _Progress(self)}, keep=cfg.checkpoint.keep)
+            "progress": _Progress(self),
+            "rng": RNGState(self.rank)}, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
+            log=self.log)
         if cfg.checkpoint.enabled and cfg.checkpoint.resume:
             self.step = self.checkpointer.load_latest() or 0
 
@@ -155,10 +187,7 @@ class Trainer:
     # ---- setup ---------------------------------------------------------------------------------------------------
 
     def resolve_dtype(self) -> torch.dtype:
-        name = self.cfg.training.dtype
-        if name == "auto":
-            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        return getattr(torch, name)
+        return resolve_dtype(self.cfg.training.dtype, self.device)
 
     def make_run_dir(self) -> Path:
         name = self.cfg.run.dir or f"runs/{self.cfg.model.preset}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -221,8 +250,11 @@ class Trainer:
         with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
             return cross_entropy(logits, targets)
 
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer step over grad_accum micro-batches; returns (mean loss over all ranks, gradient norm)."""
+    def train_step(self, poison: bool = False) -> tuple[float, float, str | None]:
+        """One optimizer step over grad_accum micro-batches; returns (mean loss over all ranks, gradient norm,
+        why the step was skipped or None). The loss guard sees the step before the optimizer applies it; a
+        skipped step consumes its batch and moves the schedule on, but leaves parameters and optimizer alone.
+        `poison` (fault injection) turns the gradients into NaN, as an overflow would."""
         accum = self.layout.grad_accum
         total = torch.zeros((), device=self.device)
         for micro in range(accum):
@@ -240,12 +272,28 @@ class Trainer:
                 with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
                     loss.backward()
                 total += plain(loss.detach())
+        if poison:
+            total = total * float("nan")
+            for part in self.parts:
+                for p in part.parameters():
+                    if p.grad is not None:
+                        p.grad.fill_(float("nan"))
         grad_norm = self.clip_gradients()
+        loss = self.mean_over_data_parallel(total)
+        problem = self.guard.check(loss, grad_norm)
         for opt, sched in zip(self.optimizers, self.schedulers):
-            opt.step()
+            if problem is None:
+                opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-        return self.mean_over_data_parallel(total), grad_norm
+        return loss, grad_norm, problem
+
+    def skip_batch(self) -> None:
+        """Consume one step's data and move the schedule on, without computing anything."""
+        for _ in range(self.layout.grad_accum):
+            next(self.train_data)
+        for sched in self.schedulers:
+            sched.step()
 
     def run_pipeline(self, fn, inputs: Tensor, targets: Tensor, positions: Tensor, losses: list) -> None:
         args = (inputs, positions) if self.has_first else ()
@@ -300,13 +348,29 @@ class Trainer:
         tokens_per_step = cfg.training.batch_size * cfg.data.seq_len
         if self.writer is not None:
             self.writer.print(self.describe())
+        last_save = time.monotonic()
         while self.step < cfg.training.steps:
+            step = self.step + 1
+            self.beat(f"step {step}")
+            self.injector.before_step(step, self)
+            if step in self.skip_steps:
+                self.skip_batch()
+                self.step = step
+                self.log(f"step {step}: batch skipped (faults.skip_steps)")
+                continue
             lr = self.schedulers[0].get_last_lr()[0]  # the rate this step uses
             start = time.perf_counter()
-            loss, grad_norm = self.train_step()
+            loss, grad_norm, problem = self.train_step(poison=self.injector.due("nan", step))
             synchronize(self.device)
             elapsed = time.perf_counter() - start
-            self.step += 1
+            self.step = step
+            if problem is not None:
+                self.log(f"step {step}: {problem}; step skipped ({self.guard.bad_in_a_row} in a row)")
+                self.add_skip_steps([step])
+                if self.guard.bad_in_a_row >= cfg.faults.max_bad_steps:
+                    self.rollback(f"{self.guard.bad_in_a_row} bad steps in a row")
+                continue
+            self.goodput.add_step(elapsed)
             losses.append(loss)
             if self.writer is not None and (self.step % cfg.training.log_every == 0 or self.step == 1):
                 flops = self.flops_per_token * tokens_per_step / elapsed / self.world_size
@@ -322,17 +386,92 @@ class Trainer:
                 val = self.validate()
                 if self.writer is not None:
                     self.writer.log({"step": self.step, "val_loss": val})
-            if cfg.checkpoint.enabled and cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not last:
+            save = cfg.checkpoint.enabled and not last and (
+                (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0)
+                or self.minutes_passed(last_save, cfg.checkpoint.every_minutes))
+            every = cfg.faults.fingerprint_every
+            if self.replica_group() is not None and every and (self.step % every == 0 or save):
+                if self.replicas_disagree():
+                    continue
+            if save:
+                self.beat(f"checkpoint of step {self.step}")
                 self.checkpointer.save(self.step)
+                last_save = time.monotonic()
+        self.beat("final checkpoint and export")
         if cfg.checkpoint.enabled:
-            self.checkpointer.save(self.step)
+            self.checkpointer.save(self.step, block=True)
         if cfg.checkpoint.export:
             self.export(self.run_dir / "model")
+        summary = self.goodput.summary(self.checkpointer.stall_s)
+        self.log(f"goodput {summary['goodput']:.1%}: {summary['productive_s']:.1f}s of productive steps in "
+                 f"{summary['wall_s']:.1f}s wall time, {summary['restarts']} restart(s), {summary['rollbacks']} "
+                 f"rollback(s), {self.checkpointer.stall_s:.2f}s blocked on checkpoints since the last start")
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.writer is not None:
             if cfg.metrics.plot and plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png"):
                 self.writer.print(f"loss curve: {self.run_dir / 'loss.png'}")
             self.writer.close()
         return losses
+
+    # ---- recovery ------------------------------------------------------------------------------------------------
+
+    def log(self, message: str) -> None:
+        """Reliability events: on rank 0's stderr and in <run dir>/events.log."""
+        if is_rank0():
+            print(message, file=sys.stderr, flush=True)
+            with open(self.run_dir / "events.log", "a") as f:
+                f.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} {message}\n")
+
+    def beat(self, what: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat(what)
+
+    def minutes_passed(self, since: float, minutes: float) -> bool:
+        """Whether a time-based checkpoint is due; rank 0's clock decides for everyone."""
+        if minutes <= 0:
+            return False
+        due = time.monotonic() - since >= 60 * minutes
+        return bool(broadcast_object(due)) if self.distributed else due
+
+    def read_skip_steps(self) -> set[int]:
+        path = self.run_dir / "skip_steps.json"
+        return set(json.loads(path.read_text())) if path.exists() else set()
+
+    def add_skip_steps(self, steps) -> None:
+        """Steps whose batch is skipped from now on, also after a restart or rollback replays them."""
+        self.skip_steps.update(steps)
+        if is_rank0():
+            tmp = self.run_dir / "skip_steps.json.tmp"
+            tmp.write_text(json.dumps(sorted(self.skip_steps)))
+            tmp.replace(self.run_dir / "skip_steps.json")
+
+    def rollback(self, reason: str) -> None:
+        """Back to the newest valid checkpoint; the steps since then run again (skipping the skip_steps)."""
+        self.beat("rollback")
+        failed_at = self.step
+        step = self.checkpointer.load_latest() if self.cfg.checkpoint.enabled else None
+        if step is None:
+            raise RuntimeError(f"step {failed_at}: {reason}, and there is no checkpoint to roll back to")
+        self.step = step
+        self.guard.reset()
+        self.goodput.rollback()
+        self.log(f"step {failed_at}: {reason}; rolled back to the checkpoint of step {step}")
+
+    def replica_group(self):
+        if self.mesh is None or self.layout.dp_replicate < 2:
+            return None
+        return self.mesh["dp_replicate"].get_group()
+
+    def replicas_disagree(self) -> bool:
+        """Silent data corruption check: data-parallel replicas must hold identical parameters."""
+        bad = replica_mismatch(self.parts, self.replica_group())
+        if self.distributed:  # replica groups of other shards may have seen it: everyone rolls back together
+            bad = [r for ranks in gather_all(bad) for r in ranks]
+        if not bad:
+            return False
+        self.rollback(f"parameter fingerprints of data-parallel replicas differ (ranks {sorted(set(bad))})")
+        return True
 
     def describe(self) -> str:
         layout, args, cfg = self.layout, self.args, self.cfg
@@ -352,7 +491,7 @@ class Trainer:
         if not is_rank0():
             return
         from ..export import save_checkpoint
-        save_checkpoint(path, self.args, state, layout="hf", tokenizer=self.tokenizer)
+        save_checkpoint(path, self.args, state, layout=self.cfg.checkpoint.export_layout, tokenizer=self.tokenizer)
         self.writer.print(f"model: {path}")
 
     def close(self) -> None:
@@ -370,7 +509,7 @@ class _Progress:
     def state_dict(self) -> dict:
         t = self.trainer
         return {"step": t.step, "schedulers": [s.state_dict() for s in t.schedulers],
-                "data": t.train_data.state_dict()}
+                "data": t.train_data.state_dict(), "productive_s": t.goodput.productive_s}
 
     def load_state_dict(self, state: dict) -> None:
         t = self.trainer
@@ -378,3 +517,10 @@ class _Progress:
         for sched, s in zip(t.schedulers, state["schedulers"]):
             sched.load_state_dict(s)
         t.train_data.load_state_dict(state["data"])
+        t.goodput.productive_s = state.get("productive_s", 0.0)
+
+
+def gather_all(obj) -> list:
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, obj)
+    return everyone

@@ -27,7 +27,8 @@ class Checkpoint:
 
 
 def detect_format(path: str | Path) -> str:
-    """'gguf', 'meta' (params.json + consolidated.*.pth) or 'hf' (config.json + *.safetensors)."""
+    """'gguf', 'meta' (params.json + consolidated.*.pth), 'hf' (config.json + *.safetensors) or 'quantized'
+    (llama3's own quantized checkpoint: quantization.json + model.safetensors)."""
     p = Path(path)
     if not p.exists():
         raise WeightsError(f"{p}: no such file or directory")
@@ -37,6 +38,8 @@ def detect_format(path: str | Path) -> str:
         if magic == b"GGUF":
             return "gguf"
         raise WeightsError(f"{p}: not a GGUF file (magic {magic!r}); pass a .gguf file or a checkpoint directory")
+    if (p / "quantization.json").exists():
+        return "quantized"
     if (p / "params.json").exists() and any(p.glob("consolidated.*.pth")):
         return "meta"
     if (p / "config.json").exists() and any(p.glob("*.safetensors")):
@@ -48,17 +51,33 @@ def detect_format(path: str | Path) -> str:
                        f"config.json + *.safetensors, or one .gguf file)")
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
+def read_checkpoint(path: str | Path, quantize: str | None = None, group_size: int = 32) -> Checkpoint:
+    """Read any supported checkpoint. With `quantize` ("int8" or "int4") the state dict comes back in the portable
+    quantized form of llama3/quantize.py, converted tensor by tensor (GGUF 4-bit blocks are repacked, not
+    inflated to fp32 first)."""
     fmt = detect_format(path)
     p = Path(path)
     if fmt == "gguf":
         from .gguf import read_gguf
-        return read_gguf(p if p.is_file() else sorted(p.glob("*.gguf"))[0])
+        return read_gguf(p if p.is_file() else sorted(p.glob("*.gguf"))[0], quantize, group_size)
+    if fmt == "quantized":
+        from .quantized import read_quantized
+        ckpt = read_quantized(p)
+        if quantize and quantize != ckpt.metadata["quantization"]["scheme"]:
+            raise WeightsError(f"{p} is already quantized as {ckpt.metadata['quantization']['scheme']}; "
+                               f"re-quantize from the original checkpoint instead")
+        return ckpt
     if fmt == "meta":
         from .meta import read_meta
-        return read_meta(p)
-    from .hf import read_hf
-    return read_hf(p)
+        ckpt = read_meta(p)
+    else:
+        from .hf import read_hf
+        ckpt = read_hf(p)
+    if quantize:
+        from ..quantize import quantize_state_dict
+        ckpt.state_dict = quantize_state_dict(ckpt.state_dict, quantize, group_size)
+        ckpt.metadata["quantization"] = {"scheme": quantize, "group_size": group_size}
+    return ckpt
 
 
 def read_tokenizer(path: Path):

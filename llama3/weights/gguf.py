@@ -7,8 +7,11 @@ Q4_1 = fp16 scale + fp16 min + 32 4-bit values. Low nibbles are elements 0..15 o
 
 from __future__ import annotations
 
-import warnings
+import mmap
+import struct
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +27,13 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}  # each block holds 32 weights
+_ELEMENT_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_TENSOR_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 30: "BF16"}  # ggml type ids we can read
+# Metadata value types of the GGUF format: scalars by struct code; 8 is a string, 9 an array.
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+_CHUNK_ELEMENTS = 1 << 22  # dequantize in slices of ~4M weights so temporaries stay ~16 MB
 
 
 def meta_name(gguf_name: str) -> str | None:
@@ -36,65 +46,145 @@ def meta_name(gguf_name: str) -> str | None:
     return None
 
 
-def _as_tensor(array: np.ndarray) -> Tensor:
-    with warnings.catch_warnings():  # the reader's memmap is read-only; we never write through it
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array)
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    kind: str  # F32, F16, BF16, Q8_0, Q4_0, Q4_1, or "type N" for a type we cannot read
+    shape: tuple[int, ...]  # PyTorch order (GGUF lists dims fastest-first)
+    offset: int  # absolute position of the data in the file
+    nbytes: int
 
 
-def _blocks(raw: Tensor, rows: int, block_bytes: int) -> Tensor:
-    return raw.reshape(rows, -1, block_bytes)  # (rows, n_blocks, block_bytes)
+class GGUFFile:
+    """The metadata and tensor directory of a GGUF file, parsed in one pass over a memory map.
+
+    Tensor bytes are read on demand, one tensor at a time (`read`), so a loader holds at most one raw tensor
+    besides its results. (The gguf package's reader builds numpy views of every metadata item: seconds for a
+    49k-token vocabulary; this parser takes milliseconds.)
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as self._map:
+                self._parse()
+        except (struct.error, ValueError, UnicodeDecodeError, OverflowError, MemoryError) as e:
+            raise WeightsError(f"{self.path}: unreadable GGUF file (truncated or corrupted?): {e}") from None
+
+    def _parse(self) -> None:
+        buf, self._pos = self._map, 0
+        magic, version = struct.unpack_from("<4sI", buf, 0)
+        if magic != b"GGUF":
+            raise ValueError(f"bad magic {magic!r}")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} (supported: 2, 3)")
+        self._pos = 8
+        n_tensors, n_kv = self._unpack("<QQ")
+        self.metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self._string()
+            self.metadata[key] = self._value(self._unpack("<I")[0])
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            n_dims = self._unpack("<I")[0]
+            dims = self._unpack(f"<{n_dims}Q")
+            type_id, offset = self._unpack("<IQ")
+            infos.append((name, tuple(int(d) for d in reversed(dims)), type_id, offset))
+        alignment = int(self.metadata.get("general.alignment", 32))
+        data_start = -(-self._pos // alignment) * alignment
+        self.tensors: dict[str, GGUFTensor] = {}
+        for name, shape, type_id, offset in infos:
+            kind = _TENSOR_TYPES.get(type_id, f"type {type_id}")
+            numel = int(np.prod(shape)) if shape else 1
+            if kind in BLOCK_BYTES:
+                nbytes = numel // 32 * BLOCK_BYTES[kind]
+            else:
+                nbytes = numel * _ELEMENT_BYTES.get(kind, 0)
+            self.tensors[name] = GGUFTensor(name, kind, shape, data_start + offset, nbytes)
+            if data_start + offset + nbytes > len(buf):
+                raise ValueError(f"tensor {name} ends past the end of the file")
+
+    def _unpack(self, fmt: str) -> tuple:
+        values = struct.unpack_from(fmt, self._map, self._pos)
+        self._pos += struct.calcsize(fmt)
+        return values
+
+    def _string(self) -> str:
+        (n,) = struct.unpack_from("<Q", self._map, self._pos)
+        start = self._pos + 8
+        self._pos = start + n
+        if self._pos > len(self._map):
+            raise ValueError("string runs past the end of the file")
+        return self._map[start:self._pos].decode("utf-8", errors="replace")
+
+    def _value(self, type_id: int) -> Any:
+        if type_id in _SCALARS:
+            return self._unpack("<" + _SCALARS[type_id])[0]
+        if type_id == _STRING:
+            return self._string()
+        if type_id != _ARRAY:
+            raise ValueError(f"unknown metadata value type {type_id}")
+        item_type, n = self._unpack("<IQ")
+        if item_type in _SCALARS:  # numeric arrays (token types, scores) in one read
+            dtype = np.dtype("<" + _SCALARS[item_type])
+            values = np.frombuffer(self._map, dtype, count=n, offset=self._pos).tolist()
+            self._pos += n * dtype.itemsize
+            return values
+        return [self._value(item_type) for _ in range(n)]
+
+    def read(self, t: GGUFTensor) -> Tensor:
+        """The raw bytes of one tensor (uint8), read from the file into fresh memory."""
+        raw = torch.empty(t.nbytes, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(t.offset)
+            if f.readinto(raw.numpy()) != t.nbytes:
+                raise WeightsError(f"{self.path}: unreadable GGUF file (truncated or corrupted?): "
+                                   f"tensor {t.name} is cut short")
+        return raw
 
 
-def _f16(b: Tensor) -> Tensor:
-    return b.contiguous().view(torch.float16).float()  # (rows, n_blocks, 1)
+def field(reader: GGUFFile, key: str, default=None):
+    return reader.metadata.get(key, default)
 
 
-def _nibbles(qs: Tensor) -> Tensor:
-    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)  # (rows, n_blocks, 32) values 0..15
+def _dequantize_blocks(b: Tensor, kind: str, out: Tensor) -> None:
+    """Blocks (rows, n_blocks, block_bytes) uint8 -> out (rows, n_blocks, 32) fp32, written in place."""
+    scale = b[..., :2].contiguous().view(torch.float16).float()  # (rows, n_blocks, 1)
+    if kind == "Q8_0":
+        out.copy_(b[..., 2:].view(torch.int8)).mul_(scale)
+        return
+    qs = b[..., 2:] if kind == "Q4_0" else b[..., 4:]  # 16 bytes: low nibbles are weights 0..15, high 16..31
+    out[..., :16].copy_(qs & 0x0F)
+    out[..., 16:].copy_(qs >> 4)
+    if kind == "Q4_0":
+        out.sub_(8).mul_(scale)
+    else:  # Q4_1: scale * q + min
+        out.mul_(scale).add_(b[..., 2:4].contiguous().view(torch.float16).float())
 
 
 def dequantize(raw: Tensor, kind: str, rows: int) -> Tensor:
-    """Raw GGUF block bytes (uint8) of a (rows, cols) tensor -> fp32 weights."""
-    b = _blocks(raw, rows, BLOCK_BYTES[kind])
-    if kind == "Q8_0":
-        w = _f16(b[..., :2]) * b[..., 2:].contiguous().view(torch.int8).float()
-    elif kind == "Q4_0":
-        w = _f16(b[..., :2]) * (_nibbles(b[..., 2:]).float() - 8)
-    else:  # Q4_1
-        w = _f16(b[..., :2]) * _nibbles(b[..., 4:]).float() + _f16(b[..., 2:4])
-    return w.reshape(rows, -1)
+    """Raw GGUF block bytes (uint8) of a (rows, cols) tensor -> fp32 weights, a slice of rows at a time."""
+    b = raw.reshape(rows, -1, BLOCK_BYTES[kind])  # (rows, n_blocks, block_bytes)
+    out = torch.empty(rows, b.shape[1], 32)
+    step = max(1, _CHUNK_ELEMENTS // (b.shape[1] * 32))
+    for r in range(0, rows, step):
+        _dequantize_blocks(b[r:r + step], kind, out[r:r + step])
+    return out.reshape(rows, -1)
 
 
-def read_tensor(t, source: str) -> Tensor:
-    kind = t.tensor_type.name
-    shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
-    data = _as_tensor(t.data)
-    if kind == "F32":
-        return data.view(torch.float32).reshape(shape)
-    if kind == "F16":
-        return data.view(torch.float16).reshape(shape)
-    if kind == "BF16":
-        return data.view(torch.uint8).view(torch.bfloat16).reshape(shape) if data.dtype == torch.uint8 \
-            else data.view(torch.bfloat16).reshape(shape)
-    if kind in BLOCK_BYTES:
-        return dequantize(data.view(torch.uint8), kind, shape[0] if len(shape) > 1 else 1).reshape(shape)
-    raise WeightsError(f"{source}: tensor {t.name} has type {kind}; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1")
+def read_tensor(reader: GGUFFile, t: GGUFTensor) -> Tensor:
+    """One tensor, dequantized to fp32 if it is block-quantized (F16/BF16 stay as they are)."""
+    if t.kind in _FLOAT_DTYPES:
+        return reader.read(t).view(_FLOAT_DTYPES[t.kind]).reshape(t.shape)
+    if t.kind in BLOCK_BYTES:
+        return dequantize(reader.read(t), t.kind, t.shape[0] if len(t.shape) > 1 else 1).reshape(t.shape)
+    raise WeightsError(f"{reader.path}: tensor {t.name} has type {t.kind}; "
+                       f"supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1")
 
 
-def open_reader(path: Path):
-    import gguf
-    try:
-        return gguf.GGUFReader(str(path), "r")
-    except Exception as e:  # the reader raises assorted errors on truncated or malformed files
-        raise WeightsError(f"{path}: unreadable GGUF file (truncated or corrupted?): {e}") from None
-
-
-def field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
+def open_reader(path: Path) -> GGUFFile:
+    return GGUFFile(path)
 
 
 def _rope_scaling_from_factors(factors: Tensor, args: ModelArgs, source: str) -> RopeScaling:
@@ -109,13 +199,13 @@ def _rope_scaling_from_factors(factors: Tensor, args: ModelArgs, source: str) ->
     raise WeightsError(f"{source}: rope_freqs does not match Llama 3.1 RoPE scaling with a standard factor")
 
 
-def read_gguf(path: Path) -> Checkpoint:
-    reader = open_reader(path)
-    source = str(path)
+def read_args(reader: GGUFFile) -> ModelArgs:
+    """ModelArgs from the metadata (RoPE scaling, stored as a tensor, is filled in by the caller)."""
+    source = str(reader.path)
     arch = field(reader, "general.architecture")
     if arch != "llama":
         raise WeightsError(f"{source}: architecture {arch!r} is not supported (only 'llama')")
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = reader.tensors
 
     def req(key):
         v = field(reader, f"llama.{key}")
@@ -125,7 +215,7 @@ def read_gguf(path: Path) -> Checkpoint:
 
     if "token_embd.weight" not in tensors:
         raise WeightsError(f"{source}: missing tensor token_embd.weight")
-    vocab = field(reader, "llama.vocab_size") or int(tensors["token_embd.weight"].shape[-1])
+    vocab = field(reader, "llama.vocab_size") or tensors["token_embd.weight"].shape[0]
     n_heads = int(req("attention.head_count"))
     args = ModelArgs(
         dim=int(req("embedding_length")), n_layers=int(req("block_count")), n_heads=n_heads,
@@ -138,15 +228,32 @@ def read_gguf(path: Path) -> Checkpoint:
     )
     if int(field(reader, "llama.rope.dimension_count", args.head_dim)) != args.head_dim:
         raise WeightsError(f"{source}: partial RoPE (rope.dimension_count != head_dim) is not supported")
-    state_dict = {}
-    for name, t in tensors.items():
-        if name == "rope_freqs.weight":
-            args.rope_scaling = _rope_scaling_from_factors(read_tensor(t, source), args, source)
-            continue
-        m = meta_name(name)
-        if m is None:
+    return args
+
+
+def read_gguf(path: Path, quantize: str | None = None, group_size: int = 32) -> Checkpoint:
+    """Tensors one at a time: dequantized to fp32, or with `quantize` converted straight to llama3's quantized form
+    (4-bit blocks repacked as they are), so the fp32 model never exists in memory."""
+    reader = open_reader(path)
+    source = str(path)
+    args = read_args(reader)
+    for name in reader.tensors:
+        if name != "rope_freqs.weight" and meta_name(name) is None:
             raise WeightsError(f"{source}: unexpected tensor {name!r}")
-        state_dict[m] = read_tensor(t, source)
+    if "rope_freqs.weight" in reader.tensors:
+        factors = read_tensor(reader, reader.tensors["rope_freqs.weight"])
+        args.rope_scaling = _rope_scaling_from_factors(factors, args, source)
+    metadata = {"file_type": field(reader, "general.file_type")}
+    state_dict = {}
+    if quantize:
+        from ..quantize import quantize_gguf
+        for _, tensors in quantize_gguf(reader, quantize, group_size):
+            state_dict.update(tensors)
+        metadata["quantization"] = {"scheme": quantize, "group_size": group_size}
+    else:
+        for name, t in reader.tensors.items():
+            if name != "rope_freqs.weight":
+                state_dict[meta_name(name)] = read_tensor(reader, t)
     tokenizer, template = None, field(reader, "tokenizer.chat_template")
     model = field(reader, "tokenizer.ggml.model")
     if model == "gpt2":
@@ -154,5 +261,4 @@ def read_gguf(path: Path) -> Checkpoint:
         tokenizer = BPETokenizer.from_gguf(reader)
     elif model is not None:
         raise WeightsError(f"{source}: tokenizer model {model!r} is not supported (only 'gpt2' byte-level BPE)")
-    return Checkpoint(args, state_dict, tokenizer, template, format="gguf",
-                      metadata={"file_type": field(reader, "general.file_type")})
+    return Checkpoint(args, state_dict, tokenizer, template, format="gguf", metadata=metadata)

@@ -1,0 +1,330 @@
+"""Weight-only quantization, applied to a Transformer from outside: its nn.Linear / nn.Embedding modules are swapped
+for the small modules below; model.py knows nothing about it.
+
+Schemes:
+  int8  every linear layer with one scale per output channel (symmetric, q in -127..127).
+  int4  the layers' linears in groups of `group_size` input weights with a scale and a zero point each (asymmetric
+        min/max, q in 0..15: w = (q - 8) * scale + zero, the convention of torch's int4 kernels).
+In both, the embedding and output matrices stay 8-bit per row (llama.cpp's 4-bit files keep them at 8 bits too):
+they are the largest and most sensitive matrices, and with tied embeddings they are one tensor.
+
+On CPU the matmuls run in torch's own kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which are
+fast only with bf16 activations, so a quantized model computes in bf16 (RMSNorm and RoPE still in fp32). Other
+devices dequantize on the fly (exact, and fused by torch.compile).
+
+The portable form (what `quantize_state_dict` returns and `llama3 quantize` writes) is device-independent:
+  int8 linear/embedding  NAME.weight int8 (out, in), NAME.scales bf16 (out,)
+  int4 linear            NAME.weight uint8 (out, in/2): element 2i in the low nibble, 2i+1 in the high one;
+                         NAME.scales, NAME.zeros bf16 (out, in/group_size)
+  norms                  bf16
+Kernel-specific packing happens when a model is built for a device.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .args import ModelArgs
+from .model import Transformer
+
+SCHEMES = ("int8", "int4")
+COMPUTE_DTYPE = torch.bfloat16  # torch's CPU int8/int4 kernels are 10-40x slower with fp32 activations
+_ROWS_PER_CHUNK = 4096  # quantize big matrices a slice of rows at a time so fp32 temporaries stay small
+
+
+class QuantizationError(ValueError):
+    pass
+
+
+# ---- the math -------------------------------------------------------------------------------------------------
+
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """(out, in) float -> int8 weights and one scale per row (symmetric: w ~= q * scale)."""
+    q = torch.empty(w.shape, dtype=torch.int8)
+    scales = torch.empty(w.shape[0], dtype=COMPUTE_DTYPE)
+    for r in range(0, w.shape[0], _ROWS_PER_CHUNK):
+        chunk = w[r:r + _ROWS_PER_CHUNK].float()
+        s = _round_up_to_compute_dtype(chunk.abs().amax(dim=1).clamp(min=1e-10) / 127)
+        q[r:r + _ROWS_PER_CHUNK] = torch.round(chunk / s.float()[:, None]).clamp_(-127, 127)
+        scales[r:r + _ROWS_PER_CHUNK] = s
+    return q, scales
+
+
+def _round_up_to_compute_dtype(x: Tensor) -> Tensor:
+    """The smallest bf16 >= x: rounding the scale down could push the largest weights past the end of the grid."""
+    y = x.to(COMPUTE_DTYPE)
+    return torch.where(y.float() < x, torch.nextafter(y, torch.tensor(float("inf"), dtype=COMPUTE_DTYPE)), y)
+
+
+def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, in) float -> nibble-packed uint8 (out, in/2), scales and zeros (out, in/group_size).
+
+    Each group maps its [min, max] onto 0..15; w ~= (q - 8) * scale + zero with zero = min + 8 * scale."""
+    rows, cols = w.shape
+    if cols % group_size:
+        raise QuantizationError(f"int4 group size {group_size} does not divide the input dimension {cols}; "
+                                f"choose a divisor of {cols} (e.g. 32)")
+    packed = torch.empty(rows, cols // 2, dtype=torch.uint8)
+    scales = torch.empty(rows, cols // group_size, dtype=COMPUTE_DTYPE)
+    zeros = torch.empty(rows, cols // group_size, dtype=COMPUTE_DTYPE)
+    for r in range(0, rows, _ROWS_PER_CHUNK):
+        g = w[r:r + _ROWS_PER_CHUNK].float().reshape(-1, cols // group_size, group_size)
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+        # Round scale and zero to bf16 first and pick each q against the rounded grid the kernel will use.
+        scale = _round_up_to_compute_dtype(((hi - lo) / 15).clamp(min=1e-10))
+        zero = (lo + 8 * scale.float()).to(COMPUTE_DTYPE)
+        lo = zero.float() - 8 * scale.float()
+        q = torch.round((g - lo[..., None]) / scale.float()[..., None]).clamp_(0, 15).to(torch.uint8)
+        packed[r:r + _ROWS_PER_CHUNK] = pack_nibbles(q.reshape(q.shape[0], cols))
+        scales[r:r + _ROWS_PER_CHUNK], zeros[r:r + _ROWS_PER_CHUNK] = scale, zero
+    return packed, scales, zeros
+
+
+def pack_nibbles(q: Tensor) -> Tensor:
+    """(rows, cols) values 0..15 -> (rows, cols/2) uint8, element 2i in the low nibble."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: Tensor) -> Tensor:
+    """(rows, cols/2) uint8 -> (rows, cols) uint8 values 0..15."""
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize_int4(packed: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
+    q = unpack_nibbles(packed)
+    rows, groups = scales.shape
+    q = q.reshape(rows, groups, -1).to(scales.dtype)
+    return ((q - 8) * scales[..., None] + zeros[..., None]).reshape(rows, -1)
+
+
+# ---- modules swapped into the model ---------------------------------------------------------------------------
+
+class Int8Linear(nn.Module):
+    def __init__(self, weight: Tensor, scales: Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)  # (out, in) int8
+        self.register_buffer("scales", scales)  # (out,) in the activation dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu":
+            out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
+            return out.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, packed: Tensor, scales: Tensor, zeros: Tensor, group_size: int):
+        super().__init__()
+        self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
+        self.group_size = group_size
+        if packed.device.type == "cpu":
+            # The CPU kernel's own layouts: weights interleaved in blocks of rows, scales and zeros (in/g, out, 2).
+            self.register_buffer("weight", pack_for_cpu_kernel(unpack_nibbles(packed)))
+            self.register_buffer("scales_and_zeros", torch.stack((scales.t(), zeros.t()), dim=-1).contiguous())
+        else:
+            self.register_buffer("weight", packed)
+            self.register_buffer("scales", scales)
+            self.register_buffer("zeros", zeros)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu":
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.weight,
+                                                             self.group_size, self.scales_and_zeros)
+            return out.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, dequantize_int4(self.weight, self.scales, self.zeros).to(x.dtype))
+
+
+def pack_for_cpu_kernel(q: Tensor) -> Tensor:
+    """(out, in) uint8 values 0..15 -> the layout of torch's CPU int4 kernel.
+
+    torch's converter wants one int32 per weight (4x the memory, slow for big models). With AVX-512 its layout is
+    simple: per block of 64 rows and per column, 32 bytes holding row j in the low nibble and row j + 32 in the high
+    one. We write that directly when a probe shows this machine's converter uses it, and defer to torch otherwise."""
+    if q.shape[0] % 64 or not _cpu_layout_is_blocks_of_64():
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1)
+    rows, cols = q.shape
+    blocks = q.view(rows // 64, 2, 32, cols)  # (row block, low/high half, row in half, column)
+    return (blocks[:, 0] | (blocks[:, 1] << 4)).transpose(1, 2).contiguous().view(rows, cols // 2)
+
+
+@functools.cache
+def _cpu_layout_is_blocks_of_64() -> bool:
+    probe = torch.randint(0, 16, (128, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    blocks = probe.view(2, 2, 32, 64)
+    ours = (blocks[:, 0] | (blocks[:, 1] << 4)).transpose(1, 2).contiguous().view(128, 32)
+    return torch.equal(ours, torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.int(), 1))
+
+
+class Int8Embedding(nn.Module):
+    def __init__(self, weight: Tensor, scales: Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight)  # (vocab, dim) int8
+        self.register_buffer("scales", scales)  # (vocab,)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return F.embedding(tokens, self.weight).to(self.scales.dtype) * self.scales[tokens].unsqueeze(-1)
+
+
+# ---- state dicts: float or GGUF blocks -> portable quantized tensors -> model ---------------------------------------
+
+def is_layer_linear(name: str) -> bool:
+    """The projections inside the blocks (not embeddings, output or norms)."""
+    return name.startswith("layers.") and name.endswith(("wq.weight", "wk.weight", "wv.weight", "wo.weight",
+                                                         "w1.weight", "w2.weight", "w3.weight"))
+
+
+def quantize_tensor(name: str, w: Tensor, scheme: str, group_size: int) -> dict[str, Tensor]:
+    """One float tensor of a Meta-named state dict -> its portable quantized tensors."""
+    base = name.removesuffix(".weight")
+    if w.ndim == 1:  # norms
+        return {name: w.to(COMPUTE_DTYPE)}
+    if scheme == "int4" and is_layer_linear(name):
+        packed, scales, zeros = quantize_int4(w, group_size)
+        return {name: packed, f"{base}.scales": scales, f"{base}.zeros": zeros}
+    q, scales = quantize_int8(w)
+    return {name: q, f"{base}.scales": scales}
+
+
+def check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise QuantizationError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+
+
+def quantize_state_dict(state_dict: dict[str, Tensor], scheme: str, group_size: int = 32) -> dict[str, Tensor]:
+    """Quantize a float state dict tensor by tensor, dropping each float tensor as soon as it is converted (the
+    dict is consumed), so peak memory stays near the float weights plus one quantized copy."""
+    check_scheme(scheme)
+    out = {}
+    for name in list(state_dict):
+        out.update(quantize_tensor(name, state_dict.pop(name), scheme, group_size))
+    return out
+
+
+def quantize_gguf(reader, scheme: str, group_size: int = 32) -> Iterator[tuple[str, dict[str, Tensor]]]:
+    """(meta name, portable tensors) for each tensor of a GGUF file, read one at a time.
+
+    Q4_0/Q4_1 blocks are 32 weights with a scale and a min: under int4 with group_size 32 they are repacked as they
+    are (bit-exact up to the bf16 scales). Everything else goes through fp32 a slice of rows at a time."""
+    from .weights.gguf import BLOCK_BYTES, meta_name, read_tensor
+    check_scheme(scheme)
+    for t in reader.tensors.values():
+        name = meta_name(t.name)
+        if name is None:  # rope_freqs and unknown tensors are the checkpoint reader's business
+            continue
+        if t.kind in ("Q4_0", "Q4_1") and scheme == "int4" and group_size == 32 and is_layer_linear(name):
+            yield name, repack_q4(reader.read(t), t.kind, t.shape, name)
+        elif t.kind in BLOCK_BYTES and len(t.shape) == 2:
+            yield name, _quantize_blocks(reader.read(t).reshape(t.shape[0], -1), t.kind, name, scheme, group_size)
+        else:
+            yield name, quantize_tensor(name, read_tensor(reader, t).float(), scheme, group_size)
+
+
+def _quantize_blocks(raw: Tensor, kind: str, name: str, scheme: str, group_size: int) -> dict[str, Tensor]:
+    """GGUF blocks (rows, row_bytes) -> portable tensors through fp32 a slice of rows at a time, so the fp32 copy of
+    a big matrix (the embedding) never exists whole."""
+    from .weights.gguf import dequantize
+    parts = []
+    for r in range(0, raw.shape[0], _ROWS_PER_CHUNK):
+        rows = raw[r:r + _ROWS_PER_CHUNK]
+        parts.append(quantize_tensor(name, dequantize(rows, kind, rows.shape[0]), scheme, group_size))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def repack_q4(raw: Tensor, kind: str, shape: tuple[int, int], name: str) -> dict[str, Tensor]:
+    """GGUF Q4_0 / Q4_1 blocks -> portable int4 (group 32). A block holds an fp16 scale d (and for Q4_1 an fp16
+    min m) and 16 bytes whose low nibbles are weights 0..15 and high nibbles 16..31: w = d * q + m (Q4_1) or
+    d * (q - 8) (Q4_0), so scale = d and zero = m + 8d (Q4_1) or 0 (Q4_0)."""
+    from .weights.gguf import BLOCK_BYTES
+    rows = shape[0]
+    b = raw.reshape(rows, -1, BLOCK_BYTES[kind])  # (rows, n_blocks, block_bytes)
+    d = b[..., :2].contiguous().view(torch.float16).float().squeeze(-1)
+    qs = b[..., 4:] if kind == "Q4_1" else b[..., 2:]
+    q = torch.cat((qs & 0x0F, qs >> 4), dim=-1).reshape(rows, -1)
+    if kind == "Q4_1":
+        zeros = b[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1) + 8 * d
+    else:
+        zeros = torch.zeros_like(d)
+    base = name.removesuffix(".weight")
+    return {name: pack_nibbles(q), f"{base}.scales": d.to(COMPUTE_DTYPE), f"{base}.zeros": zeros.to(COMPUTE_DTYPE)}
+
+
+def detect_scheme(state_dict: dict[str, Tensor]) -> str:
+    return "int4" if any(k.endswith(".zeros") for k in state_dict) else "int8"
+
+
+def build_quantized_model(args: ModelArgs, state_dict: dict[str, Tensor], *, group_size: int,
+                          device: str | torch.device = "cpu", dtype: torch.dtype = COMPUTE_DTYPE) -> Transformer:
+    """A Transformer whose linears and embeddings are the quantized modules, from portable quantized tensors
+    (consumed as they are placed, so each exists once)."""
+    from .llama import meta_model
+    model = meta_model(args)
+    sd = state_dict
+
+    def take(name: str) -> Tensor:
+        if name not in sd:
+            raise QuantizationError(f"quantized checkpoint is missing tensor {name!r}")
+        t = sd.pop(name).to(device)
+        return t.to(dtype) if t.is_floating_point() else t
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name != "output":
+            if f"{name}.zeros" in sd:
+                new = Int4Linear(take(f"{name}.weight"), take(f"{name}.scales"), take(f"{name}.zeros"), group_size)
+            else:
+                new = Int8Linear(take(f"{name}.weight"), take(f"{name}.scales"))
+            model.set_submodule(name, new)
+    model.tok_embeddings = Int8Embedding(take("tok_embeddings.weight"), take("tok_embeddings.scales"))
+    if args.tie_embeddings:
+        model.output = Int8Linear(model.tok_embeddings.weight, model.tok_embeddings.scales)
+    else:
+        model.output = Int8Linear(take("output.weight"), take("output.scales"))
+    norms = {k: take(k) for k in list(sd) if k.endswith("norm.weight")}
+    model.load_state_dict(norms, strict=False, assign=True)
+    if sd:
+        raise QuantizationError(f"quantized checkpoint has unexpected tensors: {sorted(sd)[:5]}")
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise QuantizationError(f"quantized checkpoint is missing tensors: {left[:5]}")
+    return model.eval().requires_grad_(False)
+
+
+def quantize_model(model: Transformer, scheme: str, group_size: int = 32) -> Transformer:
+    """Quantize a float model (e.g. one just loaded or trained): returns the quantized model on its device."""
+    device = model.norm.weight.device
+    sd = {k: v for k, v in model.state_dict().items() if not (model.args.tie_embeddings and k == "output.weight")}
+    return build_quantized_model(model.args, quantize_state_dict({k: v.cpu() for k, v in sd.items()}, scheme,
+                                                                 group_size), group_size=group_size, device=device)
+
+
+def quantize(src: str, dst: str, *, int8: bool = False, int4: bool = False, group_size: int = 32) -> None:
+    """Quantize a checkpoint's weights and write a directory that `llama3.load` (and every --model option) reads.
+
+    Args:
+        src: source checkpoint: .gguf file, Meta or HF directory, or known model name
+        dst: output directory
+        int8: 8-bit weights with one scale per output channel
+        int4: 4-bit weights in groups along the input dimension (embeddings and output stay 8-bit)
+        group_size: weights per int4 group, a divisor of the layers' input sizes (32 keeps GGUF 4-bit blocks exactly)
+    """
+    from pathlib import Path
+
+    from .export import save_tokenizer
+    from .hub import resolve
+    from .weights import read_checkpoint
+    from .weights.quantized import write_quantized
+    if int8 == int4:
+        raise QuantizationError("choose exactly one of --int8 and --int4")
+    scheme = "int8" if int8 else "int4"
+    ckpt = read_checkpoint(resolve(src), scheme, group_size)
+    out = Path(dst)
+    write_quantized(out, ckpt.args, ckpt.state_dict, scheme=scheme, group_size=group_size)
+    save_tokenizer(ckpt.tokenizer, ckpt.chat_template, out, layout="hf")
+    size = sum(t.numel() * t.element_size() for t in ckpt.state_dict.values())
+    print(f"{out}: {scheme} weights, {size / 1e6:.1f} MB")

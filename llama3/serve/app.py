@@ -1,0 +1,393 @@
+"""The OpenAI-compatible HTTP API and the chat page, as a FastAPI app (uvicorn serves it).
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health, GET /metrics, and the
+chat page at /. Handlers only parse, check limits and await the engine's outputs; the model runs on the engine's
+thread. With an API key, everything except /health and the page's files needs `Authorization: Bearer KEY`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..generate import SamplingParams
+from .engine import Engine, Output, QueueFull
+from .engine import Request as EngineRequest
+from .metrics import ServeMetrics
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, Reply, SamplingRequest, model_card,
+                       new_id, now, parse_json, usage)
+
+log = logging.getLogger("llama3.serve")
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+@dataclass
+class ServeConfig:
+    api_key: str | None = None
+    max_batch: int = 8  # requests decoded together
+    max_context: int | None = None  # tokens per request, prompt + completion (default: the model's)
+    max_queue: int = 64  # requests waiting for a free slot before new ones get 429
+    prefill_chunk: int = 256  # prompt tokens prefilled per engine step
+    max_body_bytes: int = 1 << 20
+    request_timeout: float = 600.0  # seconds from receiving a request to its last token
+    body_timeout: float = 30.0  # seconds to receive a request body
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was complete."""
+
+
+class Generation:
+    """The event-loop side of one API call: its engine requests (n choices per prompt), their outputs, and a watcher
+    that cancels them when the client disconnects or the deadline passes, whether or not anyone reads the outputs."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, Output | Exception]] = asyncio.Queue()
+        self.requests: list[EngineRequest] = []
+        self.watcher: asyncio.Task | None = None
+
+    def emitter(self, index: int) -> Callable[[Output], None]:
+        """The callback the engine thread calls with choice `index`'s outputs."""
+        return lambda out: self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
+
+    def submit(self, requests: list[EngineRequest], request: Request, timeout: float) -> None:
+        self.requests = requests
+        if not self.engine.alive:
+            raise APIError(503, "the generation engine has stopped; see the server log", type="server_error")
+        try:
+            self.engine.submit(requests)
+        except QueueFull as e:
+            raise APIError(429, str(e), type="rate_limit_error", code="server_busy") from None
+        self.watcher = asyncio.create_task(self._watch(request, timeout))
+
+    def close(self) -> None:
+        """Stop the watcher and any choice still generating."""
+        if self.watcher is not None:
+            self.watcher.cancel()
+        self.engine.cancel(r for r in self.requests if not r.finished)
+
+    async def outputs(self) -> AsyncIterator[tuple[int, Output]]:
+        """(choice index, output) until every choice has finished. Raises ClientGone if the client disconnects and
+        APIError 504 past the deadline; however it ends, the engine stops working on this call."""
+        remaining = len(self.requests)
+        try:
+            while remaining:
+                index, out = await self.queue.get()
+                if isinstance(out, Exception):
+                    raise out
+                remaining -= out.finish_reason is not None
+                yield index, out
+        finally:
+            self.close()
+
+    async def _watch(self, request: Request, timeout: float) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+            reason: Exception = ClientGone()
+        except TimeoutError:
+            reason = APIError(504, f"the request took longer than {timeout:g} s", type="timeout", code="timeout")
+        self.engine.cancel(r for r in self.requests if not r.finished)
+        self.queue.put_nowait((-1, reason))
+
+
+def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
+    """The server for one loaded model (`llama3.load(...)`); its engine starts and stops with the app."""
+    config = config or ServeConfig()
+    name = llm.name or "llama3"
+    created = now()
+    metrics = ServeMetrics()
+    engine = Engine(llm.model, llm.tokenizer, max_batch=config.max_batch, max_context=config.max_context,
+                    max_queue=config.max_queue, prefill_chunk=config.prefill_chunk, metrics=metrics)
+    metrics.watch_engine(engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        await run_in_threadpool(engine.stop)
+
+    app = FastAPI(title="llama3", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
+    app.add_middleware(CountRequests, metrics=metrics)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(APIError(500, "internal server error", type="server_error").body(), status_code=500)
+
+    def require_api_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer KEY'",
+                           type="authentication_error", code="invalid_api_key")
+
+    async def read_json(request: Request):
+        limit = config.max_body_bytes
+        too_large = APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        try:
+            async with asyncio.timeout(config.body_timeout):
+                async for chunk in request.stream():  # counted as it arrives: a chunked body has no length header
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_large
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {config.body_timeout:g} s",
+                           code="timeout") from None
+        return parse_json(b"".join(chunks))
+
+    def check_model(requested: str) -> None:
+        if requested != name:
+            raise APIError(404, f"the model '{requested}' does not exist; this server serves '{name}'",
+                           param="model", code="model_not_found")
+
+    def completion_budget(prompts: list[list[int]], limit: int | None, field: str) -> int:
+        """max_tokens for these prompts: the request's, checked against the context, or all the room left."""
+        context, longest = engine.max_context, max(len(p) for p in prompts)
+        if longest >= context:
+            raise APIError(400, f"this server's context is {context} tokens, but the {field} has {longest} tokens",
+                           param=field, code="context_length_exceeded")
+        if limit is not None and longest + limit > context:
+            raise APIError(400, f"this server's context is {context} tokens, but {longest + limit} were requested "
+                                f"({longest} in the {field}, {limit} for the completion); lower max_tokens",
+                           param="max_tokens", code="context_length_exceeded")
+        return limit or context - longest
+
+    async def generate(request: Request, body: SamplingRequest, prompts: list[list[int]], chat: bool,
+                       started: float):
+        field = "messages" if chat else "prompt"
+        max_tokens = completion_budget(prompts, body.token_limit, field)
+        stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        if body.n > config.max_batch:
+            raise APIError(400, f"n must be at most {config.max_batch} on this server", param="n")
+        if len(prompts) * body.n > config.max_batch + config.max_queue:
+            raise APIError(400, f"at most {config.max_batch + config.max_queue} completions per request",
+                           param="prompt")
+        gen = Generation(engine)
+        choices = [(p, j) for p in prompts for j in range(body.n)]
+        gen.submit([EngineRequest(p, max_tokens=max_tokens, stop=stops, ignore_eos=body.ignore_eos,
+                                  emit=gen.emitter(i),
+                                  params=SamplingParams(body.temperature, body.top_p, 0,
+                                                        None if body.seed is None else (body.seed + j) % 2**63))
+                    for i, (p, j) in enumerate(choices)],
+                   request, timeout=config.request_timeout - (time.perf_counter() - started))
+        prompt_tokens = sum(len(p) for p in prompts)
+        reply = Reply(chat, new_id("chatcmpl" if chat else "cmpl"), name, len(choices))
+        outputs = timed(gen.outputs(), started, metrics)
+        if body.stream:
+            return StreamingResponse(stream(reply, outputs, prompt_tokens, body.include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        texts, reasons, completion_tokens = [""] * len(choices), [""] * len(choices), 0
+        try:
+            async for i, out in outputs:
+                if out.error:
+                    raise APIError(500, out.error, type="server_error")
+                texts[i] += out.text
+                if out.finish_reason:
+                    reasons[i], completion_tokens = out.finish_reason, completion_tokens + out.completion_tokens
+        except ClientGone:
+            return PlainTextResponse("", status_code=499)  # nobody reads it; the status shows in logs and metrics
+        return reply.full(texts, reasons, usage(prompt_tokens, completion_tokens))
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+    @v1.get("/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card(name, created)]}
+
+    @v1.get("/models/{model_id:path}")
+    async def get_model(model_id: str):
+        check_model(model_id)
+        return model_card(name, created)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request):
+        started = time.perf_counter()
+        body = ChatCompletionRequest.parse(await read_json(request))
+        check_model(body.model)
+        messages = [m.as_dict() for m in body.messages]
+        try:  # tokenizing a long conversation takes a while: keep it off the event loop
+            prompt = await run_in_threadpool(llm.encode_chat, messages)
+        except (ValueError, jinja2.TemplateError) as e:
+            raise APIError(400, f"cannot format these messages: {e}", param="messages") from None
+        return await generate(request, body, [prompt], chat=True, started=started)
+
+    @v1.post("/completions")
+    async def completions(request: Request):
+        started = time.perf_counter()
+        body = CompletionRequest.parse(await read_json(request))
+        check_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "'prompt' is empty", param="prompt")
+        vocab = llm.model.args.vocab_size
+        if any(isinstance(p, list) and any(not 0 <= t < vocab for t in p) for p in prompt):
+            raise APIError(400, f"'prompt' has token ids outside the vocabulary [0, {vocab})", param="prompt")
+        ids = [p if isinstance(p, list) else await run_in_threadpool(llm.encode_prompt, p) for p in prompt]
+        if any(not p for p in ids):
+            raise APIError(400, "'prompt' is empty", param="prompt")
+        return await generate(request, body, ids, chat=False, started=started)
+
+    app.include_router(v1)
+
+    @app.get("/metrics", dependencies=[Depends(require_api_key)])
+    async def get_metrics():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return JSONResponse({"status": "error", "model": name}, status_code=503)
+        return {"status": "ok", "model": name}
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def stream(reply: Reply, outputs: AsyncIterator[tuple[int, Output]], prompt_tokens: int,
+                 include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per piece of text, one per finished choice, maybe usage, then [DONE]."""
+    completion_tokens = 0
+    try:
+        if reply.chat:
+            for i in range(reply.n):
+                yield sse(reply.chunk(i, role=True))
+        async for i, out in outputs:
+            if out.error:  # the OpenAI client raises an APIError on an event carrying "error"
+                yield sse(APIError(500, out.error, type="server_error").body())
+                return
+            if out.text:
+                yield sse(reply.chunk(i, out.text))
+            if out.finish_reason:
+                completion_tokens += out.completion_tokens
+                yield sse(reply.chunk(i, finish_reason=out.finish_reason))
+        if include_usage:
+            yield sse(reply.usage_chunk(usage(prompt_tokens, completion_tokens)))
+        yield sse("[DONE]")
+    except APIError as e:  # the timeout, after the 200 status went out
+        yield sse(e.body())
+    except ClientGone:
+        pass
+    finally:
+        await outputs.aclose()
+
+
+async def timed(outputs: AsyncIterator[tuple[int, Output]], started: float,
+                metrics: ServeMetrics) -> AsyncIterator[tuple[int, Output]]:
+    """Pass outputs through, recording time to first token and to the end."""
+    first = True
+    try:
+        async for item in outputs:
+            if first:
+                metrics.time_to_first_token.observe(time.perf_counter() - started)
+                first = False
+            yield item
+    finally:
+        await outputs.aclose()
+        if not first:
+            metrics.request_latency.observe(time.perf_counter() - started)
+
+
+class CountRequests:
+    """ASGI middleware counting answered HTTP requests by route and status (plain ASGI, so streams pass through
+    untouched)."""
+
+    ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/")
+
+    def __init__(self, app, metrics: ServeMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        route = next((r for r in self.ROUTES if path == r or r == "/v1/models" and path.startswith(r)), "other")
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests.inc(route=route, status=str(message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+class BackgroundServer:
+    """Serve an app with uvicorn on a background thread, on a free loopback port (tests, benchmarks, notebooks).
+
+        with BackgroundServer(create_app(llm)) as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 60.0):
+        import uvicorn
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.start_timeout = start_timeout
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()

@@ -1,0 +1,319 @@
+"""Continuous batching: one thread runs the model for every request in flight.
+
+Each running request owns one row of a static KV cache. Every engine step decodes one token for all running requests
+in a single batched forward pass, then spends at most `prefill_chunk` prompt tokens on new requests: either several
+whole short prompts together in one padded forward pass, or the next chunk of one long prompt (chunked prefill). A
+long prompt thus costs the running streams one chunk of compute per step instead of its whole prefill, and requests
+join or leave between steps without anyone waiting for a batch to drain.
+
+Running requests always occupy cache rows 0..n-1, which is exactly the layout the model's cache uses for a batch of
+n rows. When a request finishes, the last running row is moved into its place. New prompts are prefilled in a
+separate cache (one full-length row for a long prompt, `max_batch` short rows for a group of short ones) and copied
+into rows n, n+1, ... when complete.
+
+Torch releases the GIL while it computes, so the web server's event loop stays responsive while this thread works;
+the two sides meet only in `submit` (a locked queue) and each request's `emit` callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from ..generate import SamplingParams, TextStream, make_generator, sample
+from ..model import KVCache, Transformer
+from .metrics import ServeMetrics
+
+log = logging.getLogger("llama3.serve")
+
+
+class QueueFull(RuntimeError):
+    """The engine already holds as many waiting requests as it accepts."""
+
+
+@dataclass
+class Output:
+    """What one engine step produced for one request. `text` may be empty: the tokens so far may end in an
+    incomplete UTF-8 character or the start of a stop string. The last output has `finish_reason` set."""
+
+    text: str
+    finish_reason: str | None = None  # "stop" (end of turn or stop string), "length" (max_tokens), "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class Request:
+    """One completion: a tokenized prompt, how to sample it, and where its outputs go.
+
+    `emit` is called from the engine thread with every `Output`; it must not block.
+    """
+
+    def __init__(self, prompt: list[int], *, max_tokens: int, emit: Callable[[Output], None],
+                 params: SamplingParams | None = None, stop: Iterable[str] = (), ignore_eos: bool = False):
+        if not prompt:
+            raise ValueError("the prompt needs at least one token")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        self.prompt = list(prompt)
+        self.max_tokens = max_tokens
+        self.emit = emit
+        self.params = params or SamplingParams()
+        self.stop = list(stop)
+        self.ignore_eos = ignore_eos
+        self.cancelled = False  # set by any thread, read by the engine thread
+        # Engine-side state.
+        self.prefilled = 0  # prompt tokens already in the prefill cache
+        self.cached = 0  # positions 0..cached-1 hold keys/values in this request's cache row
+        self.completion_tokens = 0
+        self.last_token = -1  # sampled but not yet fed to the model
+        self.stream: TextStream | None = None
+        self.generator: torch.Generator | None = None
+        self.finished = False
+
+    def cancel(self) -> None:
+        """Stop generating (e.g. the client went away); the engine frees the request's slot at its next step."""
+        self.cancelled = True
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer, *, max_batch: int = 8, max_context: int | None = None,
+                 max_queue: int = 64, prefill_chunk: int = 256, metrics: ServeMetrics | None = None):
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or (max_context is not None and max_context < 2):
+            raise ValueError(f"need max_batch >= 1, max_queue >= 0, prefill_chunk >= 1 and max_context >= 2; got "
+                             f"{max_batch}, {max_queue}, {prefill_chunk} and {max_context}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_context = min(max_context or model.args.max_seq_len, model.args.max_seq_len)
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.metrics = metrics or ServeMetrics()
+        self.stop_ids = frozenset(tokenizer.stop_ids)
+        weight = model.tok_embeddings.weight
+        self.device = weight.device
+        self.cache = KVCache(model.args, max_batch, self.max_context, dtype=weight.dtype, device=self.device)
+        self.long_prefill_cache = KVCache(model.args, 1, self.max_context, dtype=weight.dtype, device=self.device)
+        self.group_prefill_cache = KVCache(model.args, max_batch, min(prefill_chunk, self.max_context),
+                                           dtype=weight.dtype, device=self.device)
+        self._waiting: deque[Request] = deque()  # guarded by _cond
+        self._cond = threading.Condition()
+        self._running: list[Request] = []  # engine thread only; _running[i] lives in cache row i
+        self._prefilling: list[Request] = []  # engine thread only: one long prompt or a group of short ones
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None  # set if the engine thread itself died
+
+    # ---- the caller's side (any thread) ----------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._run, name="llama3-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+        for req in [*self._waiting, *self._running, *self._prefilling]:
+            self._fail(req, "the server is shutting down")
+        self._waiting.clear()
+        self._running.clear()
+        self._prefilling = []
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, requests: list[Request]) -> None:
+        """Queue requests (all or none). Raises QueueFull when the queue has no room for all of them."""
+        for req in requests:
+            if len(req.prompt) >= self.max_context:
+                raise ValueError(f"the prompt has {len(req.prompt)} tokens; the context is {self.max_context}")
+            req.max_tokens = min(req.max_tokens, self.max_context - len(req.prompt))
+        with self._cond:
+            if len(self._waiting) + len(requests) > self.max_queue + self._free_slots():
+                raise QueueFull(f"the server is busy: {len(self._waiting)} requests are waiting "
+                                f"(at most {self.max_queue} may wait); retry later")
+            self._waiting.extend(requests)
+            self._cond.notify()
+
+    def cancel(self, requests: Iterable[Request]) -> None:
+        for req in requests:
+            req.cancel()
+        with self._cond:
+            self._cond.notify()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting) + len(self._prefilling)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def _free_slots(self) -> int:
+        return self.max_batch - len(self._running) - len(self._prefilling)
+
+    # ---- the engine thread ---------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._stopping or self._waiting or self._running or self._prefilling):
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                try:
+                    self.step()
+                except Exception as e:  # a failed forward pass fails the requests in flight, not the server
+                    log.exception("engine step failed")
+                    for req in [*self._running, *self._prefilling]:
+                        self._fail(req, f"generation failed: {type(e).__name__}: {e}")
+                    self._running.clear()
+                    self._prefilling = []
+        except BaseException as e:
+            self.error = e
+            raise
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Drop cancelled requests, decode one token for every running request, spend one step's prefill budget."""
+        self._drop_cancelled()
+        if self._running:
+            self._decode()
+        if not self._prefilling:
+            self._prefilling = self._take_waiting()
+        if self._prefilling:
+            self._prefill(self._prefilling)
+
+    def _take_waiting(self) -> list[Request]:
+        """The next prompts to prefill, first come first served: one long prompt alone (chunked over steps), or as
+        many whole short prompts as there are free slots and fit in prefill_chunk tokens once padded."""
+        group, longest = [], 0
+        with self._cond:
+            while self._waiting and len(group) < self.max_batch - len(self._running):
+                req = self._waiting[0]
+                if req.cancelled:
+                    self._waiting.popleft()
+                    continue
+                n = len(req.prompt)
+                if group and (n > self.prefill_chunk or (len(group) + 1) * max(longest, n) > self.prefill_chunk):
+                    break  # does not fit with the others: it goes first next step
+                group.append(self._waiting.popleft())
+                longest = max(longest, n)
+                if n > self.prefill_chunk:
+                    break
+        for req in group:
+            req.stream = TextStream(self.tokenizer, req.stop)
+            req.generator = make_generator(req.params.seed, self.device)
+        return group
+
+    def _drop_cancelled(self) -> None:
+        for i in reversed(range(len(self._running))):
+            if self._running[i].cancelled:
+                self._release(i)
+        if self._prefilling and self._prefilling[0].cancelled:  # only a long prompt stays prefilling across steps
+            self._prefilling = []
+        with self._cond:
+            if any(r.cancelled for r in self._waiting):
+                self._waiting = deque(r for r in self._waiting if not r.cancelled)
+
+    def _decode(self) -> None:
+        running = self._running
+        tokens = torch.tensor([[r.last_token] for r in running], device=self.device)  # (B, 1)
+        positions = torch.tensor([[r.cached] for r in running], device=self.device)  # (B, 1)
+        logits = self.model(tokens, positions, self.cache)[:, -1]  # (B, vocab)
+        self.metrics.batch_size.observe(len(running))
+        next_ids = self._sample(logits, running)
+        for i in reversed(range(len(running))):  # backwards: _release moves a later row into row i
+            running[i].cached += 1
+            if self._accept(running[i], next_ids[i]):
+                self._release(i)
+
+    def _prefill(self, group: list[Request]) -> None:
+        """One forward pass over the next chunk of each prompt in the group (right-padded to the longest); once the
+        prompts are complete, their keys/values move into the next free rows and they start decoding."""
+        start = group[0].prefilled  # a group of several prompts always starts, and ends, in this step
+        chunks = [r.prompt[start:start + self.prefill_chunk] for r in group]
+        # Pads go after a prompt's last token, where causal attention keeps its real tokens from seeing them.
+        tokens = torch.zeros(len(group), max(map(len, chunks)), dtype=torch.long)  # (k, T)
+        for i, c in enumerate(chunks):
+            tokens[i, :len(c)] = torch.tensor(c)
+        positions = torch.arange(start, start + tokens.shape[1]).expand_as(tokens)
+        last = torch.tensor([len(c) - 1 for c in chunks])
+        cache = self.long_prefill_cache if len(group) == 1 else self.group_prefill_cache
+        logits = self.model(tokens.to(self.device), positions.to(self.device), cache,
+                            logits_index=last.to(self.device))[:, -1]  # (k, vocab)
+        for req, c in zip(group, chunks):
+            req.prefilled += len(c)
+        if group[0].prefilled < len(group[0].prompt):
+            return  # a long prompt: more chunks next step
+        self._prefilling = []
+        first_row = len(self._running)
+        for i, req in enumerate(group):
+            n = len(req.prompt)
+            self.cache.copy_rows(first_row + i, cache, i, n)
+            req.cached = n
+            self._running.append(req)
+            self.metrics.prompt_tokens.inc(n)
+        next_ids = self._sample(logits, group)
+        for i in reversed(range(len(group))):
+            if self._accept(group[i], next_ids[i]):
+                self._release(first_row + i)
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
+        ids = logits.argmax(dim=-1).tolist()  # greedy rows in one go; sampled rows one by one with their own settings
+        for i, req in enumerate(requests):
+            if req.params.temperature > 0:
+                ids[i] = int(sample(logits[i:i + 1], req.params, req.generator)[0])
+        return ids
+
+    def _accept(self, req: Request, token: int) -> bool:
+        """Take one sampled token: emit its text, and finish the request when it is done. True when finished."""
+        req.completion_tokens += 1
+        req.last_token = token
+        self.metrics.generation_tokens.inc()
+        if token in self.stop_ids and not req.ignore_eos:  # end of turn: not part of the text
+            return self._finish(req, req.stream.finish(), "stop")
+        text = req.stream.push(token)
+        if req.stream.stopped:
+            return self._finish(req, text, "stop")
+        if req.completion_tokens >= req.max_tokens:
+            return self._finish(req, text + req.stream.finish(), "length")
+        self._emit(req, Output(text))
+        return False
+
+    def _finish(self, req: Request, text: str, reason: str) -> bool:
+        req.finished = True
+        self._emit(req, Output(text, reason, len(req.prompt), req.completion_tokens))
+        return True
+
+    def _fail(self, req: Request, message: str) -> None:
+        if not req.finished:
+            req.finished = True
+            self._emit(req, Output("", "error", len(req.prompt), req.completion_tokens, error=message))
+
+    def _emit(self, req: Request, out: Output) -> None:
+        try:
+            req.emit(out)
+        except Exception:  # the listener is gone (e.g. its event loop closed): stop working for it
+            log.debug("dropping output of a request whose listener failed", exc_info=True)
+            req.cancelled = True
+
+    def _release(self, i: int) -> None:
+        """Free cache row i; the last running request moves into it so rows 0..n-1 stay the running ones."""
+        last = self._running.pop()
+        if i < len(self._running):
+            n = last.cached
+            self.cache.copy_rows(i, self.cache, len(self._running), n)
+            self._running[i] = last
+

@@ -1,0 +1,49 @@
+"""The fast paths of generation: oneDNN-prepacked fp32 linears and the compiled decode step."""
+
+import pytest
+import torch
+
+from llama3.fast import PackedLinear, prepack
+from llama3.generate import DecodeStep, generate_tokens
+from llama3.quantize import quantize_model
+
+from conftest import random_model, tiny_args
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def greedy(model, prompt, n, step=None):
+    return [s[0] for s in generate_tokens(model, [prompt], max_new_tokens=n, step=step)]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tied", [False, True])
+def test_prepacked_model_computes_the_same_logits(tied):
+    model = random_model(tiny_args(tie_embeddings=tied))
+    tokens = torch.randint(0, 512, (2, 20))
+    expected = model(tokens)
+    packed = prepack(random_model(tiny_args(tie_embeddings=tied)))
+    assert all(not isinstance(m, torch.nn.Linear) for m in packed.modules())
+    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == 2 * 7 + 1
+    assert (packed(tokens) - expected).abs().max() <= 1e-4
+    assert greedy(packed, [1, 2, 3], 12) == greedy(model, [1, 2, 3], 12)
+
+
+def test_prepack_needs_an_fp32_cpu_model():
+    with pytest.raises(ValueError, match="fp32 model on the CPU"):
+        prepack(random_model(tiny_args()).to(torch.bfloat16))
+
+
+@pytest.mark.slow  # compiles (tens of seconds on two busy cores)
+@pytest.mark.parametrize("kind", ["fp32", "prepacked", "int8"])
+def test_compiled_decode_step_matches_eager_without_recompiling(kind):
+    model = {"fp32": lambda m: m, "prepacked": prepack, "int8": lambda m: quantize_model(m, "int8")}[kind](
+        random_model(tiny_args()))
+    step = DecodeStep(model, compile=True)
+    assert greedy(model, [1, 2, 3], 10, step) == greedy(model, [1, 2, 3], 10)
+    assert step.compile_seconds > 0
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    # Another prompt length and cache size: the same graph (kv_len and the cache length are dynamic).
+    assert greedy(model, [5, 4, 3, 2, 1], 17, step) == greedy(model, [5, 4, 3, 2, 1], 17)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
