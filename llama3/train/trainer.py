@@ -25,7 +25,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from ..args import ModelArgs
 from ..model import Transformer
-from .checkpoint import (Checkpointer, ModelState, OptimizerState, RNGState, broadcast_object,
+from .checkpoint import (CheckpointMismatch, Checkpointer, ModelState, OptimizerState, RNGState, broadcast_object,
                          full_model_state_dict, is_rank0)
 from .config import ConfigError, OptimConfig, TrainConfig, resolve_layout
 from .data import build_loader, data_tokenizer, dataset_dir, document_mask
@@ -516,7 +516,12 @@ class _Progress:
         t.step = state["step"]
         for sched, s in zip(t.schedulers, state["schedulers"]):
             sched.load_state_dict(s)
-        t.train_data.load_state_dict(state["data"])
+        try:
+            t.train_data.load_state_dict(state["data"])
+        except ValueError as e:
+            raise CheckpointMismatch(f"{t.checkpointer.directory}: cannot continue this run's data position: {e}"
+                                     ) from None
+
         t.goodput.productive_s = state.get("productive_s", 0.0)
 
 
