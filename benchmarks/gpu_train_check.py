@@ -68,8 +68,8 @@ def main(argv: list[str]) -> int:
     tokens = statistics.median(r["tokens_per_s"] for r in steps)
     name = torch.cuda.get_device_name()
     datasheet = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)
-    print(f"\n{name}: {cfg.model.preset}, {cfg.training.batch_size} x {cfg.data.seq_len} tokens per step, bf16, "
-          f"compile={cfg.training.compile}, FSDP on a 1-rank mesh")
+    print(f"\n{name}: {cfg.model.preset}, {cfg.training.batch_size} x {cfg.data.seq_len} tokens per step, "
+          f"{trainer.dtype}, compile={cfg.training.compile}, FSDP on a {trainer.world_size}-rank mesh")
     print(f"median over steps {WARMUP_STEPS + 1}-{cfg.training.steps}: {tokens:,.0f} tokens/s, "
           f"{tflops:.1f} TFLOP/s, MFU {100 * mfu:.1f}% of the measured peak "
           f"({trainer.peak_flops / 1e12:.0f} TFLOP/s)")

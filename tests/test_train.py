@@ -330,6 +330,14 @@ def test_sequence_length_8192_with_document_masking(tmp_path):
     assert len(losses) == 1 and math.isfinite(losses[0])
 
 
+def test_resume_under_another_batch_split_is_an_error_not_a_corrupt_checkpoint(tmp_path):
+    train(TINY + ["training.steps=2", "checkpoint.enabled=true", f"run.dir={tmp_path}"])
+    with pytest.raises(ValueError, match="cannot continue this run's data position"):
+        train(TINY + ["training.steps=4", "checkpoint.enabled=true", "training.micro_batch_size=2",
+                      f"run.dir={tmp_path}"])
+    assert (tmp_path / "checkpoints" / "step-00000002").is_dir()  # kept as it was, not quarantined
+
+
 def test_bfloat16_on_cpu_tracks_float32(tmp_path):
     fp32 = train(TINY + ["training.steps=4", f"run.dir={tmp_path / 'a'}"])
     bf16 = train(TINY + ["training.steps=4", "training.dtype=bfloat16", f"run.dir={tmp_path / 'b'}"])

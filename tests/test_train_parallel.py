@@ -85,3 +85,14 @@ def test_tensor_parallel_with_tied_embeddings_and_fresh_init(tmp_path):
     sharded = read_checkpoint(tmp_path / "tp" / "model").state_dict
     assert sorted(single) == sorted(sharded)
     assert all((single[k] - sharded[k]).abs().max() < 1e-4 for k in single)
+
+
+def test_resume_a_single_process_checkpoint_under_tensor_parallel(tmp_path):
+    """DCP checkpoints reshard: a run checkpointed by one process continues under TP=2 with the same losses."""
+    checkpointed = COMMON + ["checkpoint.enabled=true", "checkpoint.every=3", "eval.every=-1"]
+    train(checkpointed + [f"run.dir={tmp_path / 'single'}"])
+    (tmp_path / "tp" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "single" / "checkpoints" / "step-00000003").rename(tmp_path / "tp" / "checkpoints" / "step-00000003")
+    torchrun(2, checkpointed + ["parallel.tp=2", f"run.dir={tmp_path / 'tp'}"])
+    single, resumed = read_losses(tmp_path / "single")[0], read_losses(tmp_path / "tp")[0]
+    assert resumed == pytest.approx(single[3:], abs=1e-5, rel=0)

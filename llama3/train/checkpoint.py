@@ -1,9 +1,10 @@
 """Training checkpoints with torch.distributed.checkpoint (DCP), and the final export in `llama3.load`'s format.
 
 A training checkpoint is a directory `step-NNNNNNNN` holding everything needed to continue exactly: model and
-optimizer state (each rank writes its own shards; names are the unsharded model's, so a checkpoint can be loaded
-under another parallel layout), learning-rate schedule, data position and every rank's random generators, plus a
-`manifest.json` of checksums. See `Checkpointer` for how a save commits atomically.
+optimizer state (each rank writes its own shards under the unsharded model's names, so they load into another
+tensor / pipeline / FSDP layout), learning-rate schedule, data position (which needs the same number of
+data-parallel ranks) and every rank's random generators, plus a `manifest.json` of checksums. See `Checkpointer`
+for how a save commits atomically.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: name it to catch it
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -81,14 +82,17 @@ class RNGState(Stateful):
         return {self.key: state}
 
     def load_state_dict(self, state: dict) -> None:
-        mine = state.get(self.key)
-        if mine is None:  # saved by a run with fewer ranks: keep this rank's fresh generators
-            return
+        mine = state[self.key]
         torch.set_rng_state(mine["torch"])
         np.random.set_state(mine["numpy"])
         random.setstate(mine["python"])
         if "cuda" in mine and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(mine["cuda"])
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that is valid but was written under a configuration this run cannot continue (e.g. another
+    number of data-parallel ranks for the data position)."""
 
 
 class SaveFailed(OSError):
@@ -224,11 +228,24 @@ class Checkpointer:
             if step is None:
                 return None
             try:
-                with _single_process_is_fine():
-                    dcp.load(self.state, checkpoint_id=self.path(step))
+                self._load(self.path(step))
                 return step
+            except CheckpointMismatch:  # a valid checkpoint of another configuration: not corrupt, not ours to skip
+                raise
             except (Exception, CheckpointException) as e:  # e.g. a file DCP cannot parse despite its checksum
                 self._quarantine(step, f"load failed: {_first_line(e)}")
+
+    def _load(self, path: Path) -> None:
+        """Everything but the random generators must be in the checkpoint. Those are per rank: a run with more
+        ranks than the one that saved finds none for its extra ranks, which keep their fresh ones."""
+        core = {k: v for k, v in self.state.items() if k != "rng"}
+        with _single_process_is_fine():
+            dcp.load(core, checkpoint_id=path)
+            rng = self.state.get("rng")
+            if rng is not None:
+                saved = FileSystemReader(path).read_metadata().state_dict_metadata
+                has_mine = any(key.startswith(f"rng.{rng.key}.") for key in saved)
+                dcp.load({"rng": rng if has_mine else {}}, checkpoint_id=path)  # collective: every rank takes part
 
     def _newest_valid_step(self) -> int | None:
         """Rank 0 checks the checksums (one reader of the shared directory) and tells the others."""

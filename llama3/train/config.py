@@ -266,7 +266,8 @@ def validate(cfg: TrainConfig) -> None:
                 "parallel.dp_replicate": (p.dp_replicate, 1), "training.log_every": (t.log_every, 1),
                 "optim.warmup_steps": (o.warmup_steps, 0), "eval.steps": (cfg.eval.steps, 1),
                 "checkpoint.every": (cfg.checkpoint.every, 0), "checkpoint.keep": (cfg.checkpoint.keep, 1),
-                "faults.max_bad_steps": (cfg.faults.max_bad_steps, 1), "faults.spike_window": (cfg.faults.spike_window, 2),
+                "faults.max_bad_steps": (cfg.faults.max_bad_steps, 1),
+                "faults.spike_window": (cfg.faults.spike_window, 2),
                 "faults.fingerprint_every": (cfg.faults.fingerprint_every, 0)}
     for key, (value, least) in positive.items():
         if value < least:

@@ -87,8 +87,8 @@ def data_tokenizer(data_dir: Path | None, vocab_size: int):
     from ..data.shards import read_index
     info = read_index(data_dir)["tokenizer"]
     if (info.get("vocab_size") or 0) > vocab_size:
-        raise ConfigError(f"data.dataset {data_dir}: its tokenizer has {info['vocab_size']} tokens, more than the model's "
-                         f"vocab_size {vocab_size}")
+        raise ConfigError(f"data.dataset {data_dir}: its tokenizer has {info['vocab_size']} tokens, more than "
+                          f"the model's vocab_size {vocab_size}")
     return load_tokenizer(info["name"])
 
 

@@ -30,7 +30,8 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> float:
     return 6 * matmul_params(args) + attention
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None = None, seconds: float = 0.5) -> float:
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None = None,
+                       seconds: float = 0.5) -> float:
     """FLOP/s of a large square matmul in the training dtype: the practical peak of this device."""
     size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, device=device, dtype=dtype)

@@ -25,7 +25,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from ..args import ModelArgs
 from ..model import Transformer
-from .checkpoint import (Checkpointer, ModelState, OptimizerState, RNGState, broadcast_object,
+from .checkpoint import (CheckpointMismatch, Checkpointer, ModelState, OptimizerState, RNGState, broadcast_object,
                          full_model_state_dict, is_rank0)
 from .config import ConfigError, OptimConfig, TrainConfig, resolve_layout
 from .data import build_loader, data_tokenizer, dataset_dir, document_mask
@@ -474,11 +474,11 @@ class Trainer:
         return True
 
     def describe(self) -> str:
-        l, a = self.layout, self.args
-        return (f"training {self.cfg.model.preset} ({a.num_params() / 1e6:.1f}M parameters) on {self.world_size} "
-                f"{self.device.type} process(es): dp_replicate={l.dp_replicate} dp_shard={l.dp_shard} tp={l.tp} "
-                f"pp={l.pp}, {self.cfg.training.batch_size} x {self.cfg.data.seq_len} tokens per step "
-                f"(micro batch {l.micro_batch_size}, {l.grad_accum} accumulation), {self.dtype}, "
+        layout, args, cfg = self.layout, self.args, self.cfg
+        return (f"training {cfg.model.preset} ({args.num_params() / 1e6:.1f}M parameters) on {self.world_size} "
+                f"{self.device.type} process(es): dp_replicate={layout.dp_replicate} dp_shard={layout.dp_shard} "
+                f"tp={layout.tp} pp={layout.pp}, {cfg.training.batch_size} x {cfg.data.seq_len} tokens per step "
+                f"(micro batch {layout.micro_batch_size}, {layout.grad_accum} accumulation), {self.dtype}, "
                 f"peak {self.peak_flops / 1e12:.3g} TFLOP/s per device -> {self.run_dir}")
 
     def export(self, path: Path) -> None:
@@ -516,7 +516,12 @@ class _Progress:
         t.step = state["step"]
         for sched, s in zip(t.schedulers, state["schedulers"]):
             sched.load_state_dict(s)
-        t.train_data.load_state_dict(state["data"])
+        try:
+            t.train_data.load_state_dict(state["data"])
+        except ValueError as e:
+            raise CheckpointMismatch(f"{t.checkpointer.directory}: cannot continue this run's data position: {e}"
+                                     ) from None
+
         t.goodput.productive_s = state.get("productive_s", 0.0)
 
 
