@@ -109,11 +109,11 @@ class DecodeStep:
         if not self.cuda_graphs:
             torch._dynamo.mark_dynamic(mask, 3)
         if cache is not self._seen_cache:  # each generation sizes its own cache
-            for t in cache.k + cache.v:
+            for t in (cache.k, cache.v):
                 if self.cuda_graphs:
                     torch._dynamo.mark_static_address(t)
-                else:  # one graph for all cache sizes
-                    torch._dynamo.mark_dynamic(t, 1)
+                else:  # one graph for all cache sizes: (n_layers, max_batch, max_seq_len, ...)
+                    torch._dynamo.mark_dynamic(t, 2)
             self._seen_cache = cache
         if self.compile_seconds is not None:
             return self._fn(self.model, tokens, positions, cache, mask)

@@ -61,30 +61,30 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Static, preallocated keys and values: per layer, k[layer] and v[layer] of (max_batch, max_seq_len,
-    n_kv_heads, head_dim).
+    """Static, preallocated keys and values of every layer: (n_layers, max_batch, max_seq_len, n_kv_heads, head_dim).
 
     Batch row b of a forward pass uses cache row b. Entries past a row's current position may hold stale values;
-    the attention mask hides them, and they are zero-initialised so they can never inject NaNs. Each layer owns a
-    separate tensor (not a view of one big one) so that a compiled step updates it in place instead of copying it.
+    the attention mask hides them, and they are zero-initialised so they can never inject NaNs.
     """
 
     def __init__(self, args: ModelArgs, max_batch: int, max_seq_len: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len or args.max_seq_len
-        shape = (max_batch, self.max_seq_len, args.n_kv_heads, args.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        shape = (args.n_layers, max_batch, self.max_seq_len, args.n_kv_heads, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, layer: int, xk: Tensor, xv: Tensor, positions: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
         """Store this step's keys/values at their positions; return each row's first kv_len cached entries."""
         B = xk.shape[0]
         rows = torch.arange(B, device=xk.device)[:, None]
-        k, v = self.k[layer], self.v[layer]
-        k[rows, positions] = xk.to(k.dtype)
-        v[rows, positions] = xv.to(v.dtype)
-        return k[:B, :kv_len], v[:B, :kv_len]
+        # One index_put_ on the whole tensor (not on a per-layer view): torch.compile then updates it in place
+        # instead of copying the cache for every layer.
+        index = (torch.full_like(positions, layer), rows.expand_as(positions), positions)
+        self.k.index_put_(index, xk.to(self.k.dtype))
+        self.v.index_put_(index, xv.to(self.v.dtype))
+        return self.k[layer, :B, :kv_len], self.v[layer, :B, :kv_len]
 
 
 class Attention(nn.Module):
