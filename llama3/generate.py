@@ -150,8 +150,7 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], *, max_new_tok
     tokens = torch.zeros(B, T, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-    positions = torch.arange(T, device=device).expand(B, T)
-    logits = model(tokens, positions, cache, logits_index=lengths - 1)[:, -1]
+    logits = model(tokens, cache=cache, logits_index=lengths - 1)[:, -1]  # positions 0..T-1: plain causal
     generator = make_generator(params.seed, device)
     stop = set(stop_ids)
     done = [False] * B
