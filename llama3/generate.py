@@ -94,27 +94,16 @@ class DecodeStep:
         self.model = model
         self.compile = compile or cuda_graphs
         self.cuda_graphs = cuda_graphs
-        self.compile_seconds: float | None = None
+        self.compile_seconds: float | None = None  # set by the first call (torch.compile is lazy anyway)
+        self._fn = _decode
         self._seen_cache: KVCache | None = None
-        if not self.compile:
-            self._fn = _decode
-        else:
-            # No guards on the model's modules: checking them costs ~2 ms per step for a 30-layer model, about as
-            # much as the attention. The price: the step is compiled for the model as it is at the first call;
-            # after swapping its modules or changing its dtype, make a new DecodeStep.
-            # torch.compile caches graphs per code object, so each step compiles a copy of its own: without the
-            # module guards, a graph made for another model must never be picked up.
-            fn = types.FunctionType(_decode.__code__.replace(), _decode.__globals__, "decode_step")
-            options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-            self._fn = torch.compile(fn, fullgraph=True, mode="reduce-overhead" if cuda_graphs else None,
-                                     options=options)
 
     def __call__(self, tokens: Tensor, positions: Tensor, cache: KVCache, kv_len: int) -> Tensor:
         if self.cuda_graphs:
             kv_len = cache.max_seq_len
         mask = torch.arange(kv_len, device=tokens.device) <= positions[:, None, :, None]  # (B, 1, T, kv_len)
         if not self.compile:
-            return self._fn(self.model, tokens, positions, cache, mask)
+            return _decode(self.model, tokens, positions, cache, mask)
         if not self.cuda_graphs:
             torch._dynamo.mark_dynamic(mask, 3)
         if cache is not self._seen_cache:  # each generation sizes its own cache
@@ -126,10 +115,21 @@ class DecodeStep:
             self._seen_cache = cache
         if self.compile_seconds is not None:
             return self._fn(self.model, tokens, positions, cache, mask)
-        start = time.perf_counter()
+        start = time.perf_counter()  # the first call: importing the compiler and compiling
+        self._fn = self._compiled()
         logits = self._fn(self.model, tokens, positions, cache, mask)
         self.compile_seconds = time.perf_counter() - start
         return logits
+
+    def _compiled(self):
+        # No guards on the model's modules: checking them costs ~2 ms per step for a 30-layer model, about as much
+        # as the attention. The price: the step is compiled for the model as it is at the first call; after
+        # swapping its modules or changing its dtype, make a new DecodeStep. torch.compile caches graphs per code
+        # object, so each step compiles a copy of its own: a graph made for another model is never picked up.
+        fn = types.FunctionType(_decode.__code__.replace(), _decode.__globals__, "decode_step")
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        return torch.compile(fn, fullgraph=True, mode="reduce-overhead" if self.cuda_graphs else None,
+                             options=options)
 
 
 def _decode(model: Transformer, tokens: Tensor, positions: Tensor, cache: KVCache, mask: Tensor) -> Tensor:
