@@ -12,14 +12,17 @@ from pathlib import Path
 from typing import Literal
 
 from .bench import bench
+from .finetune import finetune
 from .hub import DEFAULT_MODEL
 from .quantize import quantize
 from .serve import serve
+from .train import train
 
 
 def generate(prompt: str, *, model: str = DEFAULT_MODEL, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
-             dtype: str | None = None) -> None:
+             dtype: str | None = None, quantize: Literal["int8", "int4"] | None = None,
+             adapter: str | None = None) -> None:
     """Continue PROMPT (raw completion, no chat template) and stream the text to stdout.
 
     Args:
@@ -32,9 +35,10 @@ def generate(prompt: str, *, model: str = DEFAULT_MODEL, max_new_tokens: int = 2
         seed: random seed for sampling
         stop: strings that end the completion
         dtype: float32, bfloat16 or float16 (default: the checkpoint's; GGUF is dequantized to float32)
+        quantize: quantize the weights while loading (weight-only int8 or 4-bit)
+        adapter: a LoRA adapter directory (from llama3 finetune) merged into the model
     """
-    from .llama import load
-    llm = load(model, dtype=dtype)
+    llm = load_for_inference(model, dtype, quantize, adapter)
     for delta in llm.stream_ids(llm.encode_prompt(prompt), max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_p=top_p, top_k=top_k, seed=seed, stop=stop):
         print(delta, end="", flush=True)
@@ -42,7 +46,8 @@ def generate(prompt: str, *, model: str = DEFAULT_MODEL, max_new_tokens: int = 2
 
 
 def chat(*, model: str = DEFAULT_MODEL, system: str | None = None, temperature: float = 0.0, top_p: float = 1.0,
-         max_new_tokens: int = 512, seed: int | None = None, dtype: str | None = None) -> None:
+         max_new_tokens: int = 512, seed: int | None = None, dtype: str | None = None,
+         quantize: Literal["int8", "int4"] | None = None, adapter: str | None = None) -> None:
     """Chat with a model. Type /reset to start over, /exit to quit. With stdin not a terminal, each input line is one
     user message and each reply is printed on its own line.
 
@@ -54,9 +59,10 @@ def chat(*, model: str = DEFAULT_MODEL, system: str | None = None, temperature: 
         max_new_tokens: most tokens per reply
         seed: random seed for sampling
         dtype: float32, bfloat16 or float16
+        quantize: quantize the weights while loading (weight-only int8 or 4-bit)
+        adapter: a LoRA adapter directory (from llama3 finetune) merged into the model
     """
-    from .llama import load
-    llm = load(model, dtype=dtype)
+    llm = load_for_inference(model, dtype, quantize, adapter)
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
@@ -91,6 +97,18 @@ def chat(*, model: str = DEFAULT_MODEL, system: str | None = None, temperature: 
             pass
         print(flush=True)
         messages.append({"role": "assistant", "content": reply})
+
+
+def load_for_inference(model: str, dtype: str | None, quantize: str | None, adapter: str | None):
+    from .llama import load
+    if adapter and quantize:
+        raise ValueError("--adapter and --quantize cannot be combined: merge the adapter first (llama3 finetune "
+                         "exports merged models), then quantize")
+    llm = load(model, dtype=dtype, quantize=quantize)
+    if adapter:
+        from .finetune.lora import apply_adapter
+        apply_adapter(llm, adapter)
+    return llm
 
 
 def fit_context(llm, messages: list[dict], reserve: int) -> list[dict]:
@@ -138,7 +156,7 @@ def convert(src: str, dst: str, *, to: Literal["hf", "meta"], shards: int = 1, d
     print(dst)
 
 
-VERBS = [generate, chat, pull, models, convert, serve, quantize, bench]
+VERBS = [generate, chat, pull, models, convert, quantize, bench, serve, train, finetune]
 
 
 # ---- parser generation -------------------------------------------------------------------------------------------
@@ -185,6 +203,8 @@ def add_verb(subparsers, fn) -> None:
             parser.add_argument("--" + name.replace("_", "-"), dest=name, required=required,
                                 **({} if required else {"default": param.default}), **opts)
         else:
+            if param.default is not inspect.Parameter.empty and opts.get("nargs") == "+":
+                opts.update(nargs="*", default=param.default)  # a list of positionals that may be empty
             parser.add_argument(name, **opts)
     parser.set_defaults(_fn=fn)
 

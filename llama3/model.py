@@ -53,11 +53,12 @@ def rope_cos_sin(args: ModelArgs, positions: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) by the token's angle, in fp32 (Meta's complex-number RoPE)."""
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, head_dim/2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by the token's angle, in fp32 (Meta's complex-number RoPE).
+
+    As one complex multiply: a single vectorised pass forward and backward, where the same rotation written with
+    strided real halves takes several passes (4-10x slower on CPU, which dominated training time)."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, head_dim/2) complex
+    return torch.view_as_real(xc * torch.complex(cos, sin)).flatten(-2).type_as(x)
 
 
 class KVCache:
@@ -85,6 +86,13 @@ class KVCache:
         self.k.index_put_(index, xk.to(self.k.dtype))
         self.v.index_put_(index, xv.to(self.v.dtype))
         return self.k[layer, :B, :kv_len], self.v[layer, :B, :kv_len]
+
+    def copy_rows(self, dst_rows, src: KVCache, src_rows, length: int) -> None:
+        """Copy the first `length` positions of `src`'s rows into rows of this cache, in every layer (moving a
+        request between batches, or sharing a computed prefix)."""
+        for dst_layers, src_layers in ((self.k, src.k), (self.v, src.v)):
+            for dst, s in zip(dst_layers, src_layers):
+                dst[dst_rows, :length] = s[src_rows, :length]
 
 
 class Attention(nn.Module):

@@ -33,3 +33,12 @@ def default_gguf_path():
             pytest.skip("default model not pulled and LLAMA3_OFFLINE is set")
         path = hub.pull(hub.DEFAULT_MODEL)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models decode faster on one thread, and much faster when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

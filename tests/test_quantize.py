@@ -15,13 +15,7 @@ from llama3.weights.gguf import dequantize
 from conftest import random_model, tiny_args
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models decode faster on one thread, and much faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 from test_weights import write_gguf
 
 

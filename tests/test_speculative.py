@@ -10,13 +10,7 @@ from llama3.speculative import SpeculativeDecoder, accept_drafts
 from conftest import random_model, tiny_args
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models decode faster on one thread, and much faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def plain_greedy(model, prompt, n, stop_ids=()):

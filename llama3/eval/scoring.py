@@ -156,8 +156,7 @@ class Scorer:
         if shared > 0:
             prefix = torch.tensor([contexts[0][:shared]], device=self.device)
             self.model(prefix, cache=cache, logits_index=torch.tensor([shared - 1], device=self.device))
-            cache.k[:, 1:B, :shared] = cache.k[:, :1, :shared]
-            cache.v[:, 1:B, :shared] = cache.v[:, :1, :shared]
+            cache.copy_rows(slice(1, B), cache, slice(0, 1), shared)
         # context between the shared prefix and its last token: into the cache, one logit per row
         middles = [c[shared:-1] for c in contexts]
         if any(middles):

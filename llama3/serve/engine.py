@@ -261,8 +261,7 @@ class Engine:
         first_row = len(self._running)
         for i, req in enumerate(group):
             n = len(req.prompt)
-            self.cache.k[:, first_row + i, :n] = cache.k[:, i, :n]
-            self.cache.v[:, first_row + i, :n] = cache.v[:, i, :n]
+            self.cache.copy_rows(first_row + i, cache, i, n)
             req.cached = n
             self._running.append(req)
             self.metrics.prompt_tokens.inc(n)
@@ -315,7 +314,6 @@ class Engine:
         last = self._running.pop()
         if i < len(self._running):
             n = last.cached
-            self.cache.k[:, i, :n] = self.cache.k[:, len(self._running), :n]
-            self.cache.v[:, i, :n] = self.cache.v[:, len(self._running), :n]
+            self.cache.copy_rows(i, self.cache, len(self._running), n)
             self._running[i] = last
 

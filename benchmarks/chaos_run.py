@@ -1,0 +1,101 @@
+"""Chaos run: train under torchrun with a random fault every ~50 steps and check that the run finishes unattended
+on the fault-free run's final loss; print goodput.
+
+    python benchmarks/chaos_run.py --preset debug --steps 300 --every 50
+
+Faults are drawn (seeded) from: a killed rank, a hung rank, a NaN step, a flipped parameter bit, a corrupted latest
+checkpoint, a failing save. The fault-free reference skips the same batches the NaN steps skip, so the two runs
+must end on bit-identical parameters and the same loss.
+
+Checkpoint interval: Young/Daly's optimum is sqrt(2 x save cost x mean time between faults). The script measures the
+save cost in the reference run and prints the optimum for the fault rate it injects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = ["kill", "hang", "nan", "bitflip", "corrupt_checkpoint", "fail_save"]
+
+
+def torchrun(args: list[str], nproc: int, max_restarts: int, timeout: float) -> float:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           f"--max-restarts={max_restarts}", "-m", "llama3.train", *args]
+    start = time.perf_counter()
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        sys.exit(f"run failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return time.perf_counter() - start
+
+
+def final_loss(run_dir: Path) -> float:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r][-1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="debug")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--every", type=int, default=50, help="a fault about every this many steps")
+    ap.add_argument("--checkpoint-every", type=int, default=25)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--watchdog", type=float, default=30.0, help="seconds without progress that count as a hang")
+    ap.add_argument("--extra", nargs="*", default=[], help="more key=value training settings for both runs")
+    ap.add_argument("--dir", default=None, help="keep the runs here (default: a temporary directory)")
+    opts = ap.parse_args()
+
+    rng = random.Random(opts.seed)
+    faults = []
+    for i, at in enumerate(range(opts.every, opts.steps, opts.every)):
+        kind = KINDS[i % len(KINDS)] if i < len(KINDS) else rng.choice(KINDS)
+        step = max(2, at + rng.randint(-opts.every // 5, opts.every // 5))
+        faults.append(f"{kind}:step={step}:rank={rng.randrange(opts.nproc)}"
+                      if kind in ("kill", "hang", "bitflip") else f"{kind}:step={step}")
+    nan_steps = [int(f.split("step=")[1].split(":")[0]) for f in faults if f.startswith("nan")]
+    restarts = sum(f.split(":")[0] in ("kill", "hang", "corrupt_checkpoint") for f in faults)
+
+    base = Path(opts.dir or tempfile.mkdtemp(prefix="chaos-"))
+    common = [f"model.preset={opts.preset}", "data.dataset=synthetic", f"data.seq_len={opts.seq_len}",
+              f"training.batch_size={opts.batch_size}", f"training.steps={opts.steps}", "eval.every=-1",
+              "metrics.peak_tflops=1", "metrics.tensorboard=false", "metrics.plot=false", "checkpoint.export=false",
+              f"parallel.dp_replicate={opts.nproc}", f"checkpoint.every={opts.checkpoint_every}",
+              "checkpoint.keep=2", "faults.fingerprint_every=10", f"faults.watchdog_timeout_s={opts.watchdog}", *opts.extra]
+    print(f"faults: {', '.join(faults)}")
+    ref_wall = torchrun(common + [f"run.dir={base / 'reference'}", f"faults.skip_steps={nan_steps}"],
+                        opts.nproc, 0, timeout=3600)
+    chaos_wall = torchrun(common + [f"run.dir={base / 'chaos'}", f"faults.inject={json.dumps(faults)}"],
+                          opts.nproc, restarts + 2, timeout=3600)
+
+    ref, chaos = final_loss(base / "reference"), final_loss(base / "chaos")
+    g_ref = json.loads((base / "reference" / "goodput.json").read_text())["summary"]
+    g = json.loads((base / "chaos" / "goodput.json").read_text())["summary"]
+    save_cost = g_ref["checkpoint_stall_s_this_start"] / max(1, opts.steps // opts.checkpoint_every)
+    step_time = g_ref["productive_s"] / opts.steps
+    mtbf = opts.every * step_time
+    print(f"final loss: fault-free {ref:.6f}, chaos {chaos:.6f} -> {'EQUAL' if ref == chaos else 'DIFFERENT'}")
+    print(f"wall: fault-free {ref_wall:.1f}s, chaos {chaos_wall:.1f}s ({g['restarts']} restarts, "
+          f"{g['rollbacks']} rollbacks)")
+    print(f"goodput: fault-free {g_ref['goodput']:.1%}, chaos {g['goodput']:.1%}")
+    print(f"save {save_cost * 1e3:.0f} ms, step {step_time * 1e3:.1f} ms, a fault every {mtbf:.1f}s -> "
+          f"Young/Daly interval sqrt(2 x save x MTBF) = {math.sqrt(2 * save_cost * mtbf) / step_time:.0f} steps "
+          f"(used {opts.checkpoint_every})")
+    sys.exit(0 if ref == chaos else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""Training configuration: one dataclass with a section per concern, read from TOML/JSON/YAML and `key=value` overrides.
+
+The defaults are the debug preset on the built-in corpus, so `llama3 train` with no arguments trains something small
+on a laptop. Sizes that describe the batch are global (the same whatever the parallel layout), so one config gives
+the same training run on 1 process or on a dp x tp x pp mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+
+class ConfigError(ValueError):
+    """A bad training configuration: the message names the key (and file) and what is wrong."""
+
+
+@dataclass
+class RunConfig:
+    dir: str | None = None  # output directory; None: runs/<preset>-<date>-<time>
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "debug"  # a ModelArgs preset name
+    args: dict = field(default_factory=dict)  # ModelArgs fields overriding the preset, e.g. model.args.n_layers=2
+    init_from: str | None = None  # start from these weights (any checkpoint llama3.load reads) instead of random
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "default"  # "default" (built-in corpus), "synthetic" (random, learnable), or a prepared data dir
+    seq_len: int = 256
+    document_masking: bool = False  # attention stays inside each document, positions restart at each document
+    val_fraction: float = 0.01  # documents held out for validation
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 300
+    batch_size: int = 8  # global sequences per optimizer step
+    micro_batch_size: int | None = None  # sequences per forward on one data-parallel rank; None: batch_size / dp
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    compile: bool = False
+    log_every: int = 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 20
+    decay_ratio: float = 0.2  # wsd: the last fraction of the steps that decays linearly to min_lr
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1  # data-parallel replicas (DDP; with dp_shard > 1 as well: HSDP)
+    dp_shard: int = -1  # FSDP degree; -1: whatever is left of the world after the other degrees
+    tp: int = 1  # tensor parallel (with sequence parallel)
+    pp: int = 1  # pipeline stages
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved-1f1b"] = "1f1b"
+    pp_microbatches: int | None = None  # per micro batch; None: the number of pipeline stages
+    pp_stages_per_rank: int = 2  # interleaved-1f1b only
+    loss_parallel: bool = True  # with tp: the output projection stays sharded over the vocabulary into the loss
+
+
+@dataclass
+class EvalConfig:
+    every: int = 50  # validation every N steps (0: only at the end, negative: never)
+    steps: int = 4  # global batches (training.batch_size sequences) of validation data per evaluation
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True  # training checkpoints: model, optimizer, schedule and data position, to resume from
+    every: int = 0  # a training checkpoint every N steps (0: only at the end)
+    keep: int = 2  # most recent training checkpoints to keep
+    resume: bool = True  # continue from the latest training checkpoint in the run directory, if there is one
+    every_minutes: float = 0.0  # also a checkpoint whenever this much wall time passed since the last (0: off)
+    async_save: bool = False  # write in the background while training goes on (see docs/RELIABILITY.md)
+    export: bool = True  # at the end, write the model where `llama3.load` and `llama3 chat` read it (<dir>/model)
+    export_layout: Literal["hf", "meta"] = "hf"  # Hugging Face safetensors or Meta consolidated.00.pth
+
+
+@dataclass
+class FaultsConfig:
+    """Detection of and recovery from faults (docs/RELIABILITY.md), and the injector that proves it works."""
+    max_bad_steps: int = 3  # non-finite or spiking steps in a row that are skipped before rolling back
+    spike_zscore: float = 0.0  # a loss this many standard deviations above the recent mean is a spike (0: off)
+    spike_window: int = 50  # recent good steps the spike statistics are taken over
+    skip_steps: list[int] = field(default_factory=list)  # steps whose batch is consumed without an update
+    watchdog_timeout_s: float = 0.0  # a step (or save) longer than this dumps stacks and exits (0: off)
+    fingerprint_every: int = 0  # compare data-parallel replicas' parameter fingerprints every N steps (0: off)
+    inject: list[str] = field(default_factory=list)  # e.g. "kill:step=7:rank=1"; also $LLAMA3_FAULTS
+
+
+@dataclass
+class MetricsConfig:
+    peak_tflops: float | None = None  # per-device peak for MFU; None: measured with a matmul at start
+    tensorboard: bool = True  # if the tensorboard package is installed
+    plot: bool = True  # loss curve PNG at the end (needs matplotlib)
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def model_args(self):
+        from ..args import ModelArgs
+        try:
+            return ModelArgs.preset(self.model.preset, **self.model.args)
+        except TypeError as e:  # an unknown field name in model.args
+            raise ConfigError(f"model.args: {e}") from None
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the file (TOML, JSON or YAML by extension), then `section.key=value` overrides in order."""
+    cfg = TrainConfig()
+    if path is not None:
+        apply_dict(cfg, read_config_file(Path(path)), source=str(path))
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        set_key(cfg, key.strip(), parse_value(text.strip()), source="command line")
+    validate(cfg)
+    return cfg
+
+
+def read_config_file(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text)
+        if path.suffix == ".json":
+            return json.loads(text)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+            return yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except ImportError:
+        raise ConfigError(f"{path}: reading YAML needs the PyYAML package") from None
+    except Exception as e:  # yaml.YAMLError without importing yaml up front
+        raise ConfigError(f"{path}: {e}") from None
+    raise ConfigError(f"{path}: unknown config format {path.suffix!r}; use .toml, .json or .yaml")
+
+
+def parse_value(text: str):
+    """A TOML literal (1, 2.5e-4, true, "x", [1, 2], {a = 1}); anything else is taken as a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_dict(cfg: TrainConfig, values: dict, source: str, prefix: str = "") -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a table of keys")
+    for key, value in values.items():
+        set_key(cfg, prefix + key, value, source)
+
+
+def set_key(cfg: TrainConfig, key: str, value, source: str) -> None:
+    """Set `section.name` (or `model.args.name`) to value, checked against the field's type."""
+    obj, parts = cfg, key.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        if part not in fields:
+            where = ".".join(parts[:i]) or "the config"
+            raise ConfigError(f"{source}: unknown key {key!r} ({where} has: {', '.join(fields)})")
+        current = getattr(obj, part)
+        rest = parts[i + 1:]
+        if dataclasses.is_dataclass(current):
+            if not rest:
+                apply_dict(cfg, value, source, prefix=key + ".")
+                return
+            obj = current
+            continue
+        if isinstance(current, dict):  # free-form table (model.args): the model checks the names
+            if rest:
+                current[".".join(rest)] = value
+            elif isinstance(value, dict):
+                current.update(value)
+            else:
+                raise ConfigError(f"{source}: {key} must be a table, got {value!r}")
+            return
+        if rest:
+            raise ConfigError(f"{source}: {'.'.join(parts[:i + 1])} is a value, not a section")
+        hint = typing.get_type_hints(type(obj))[part]
+        setattr(obj, part, check_type(value, hint, key, source))
+        return
+
+
+def check_type(value, hint, key: str, source: str):
+    origin, params = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in params:
+                return None
+        errors = []
+        for p in params:
+            if p is type(None):
+                continue
+            try:
+                return check_type(value, p, key, source)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be a list; got {value!r}")
+        return [check_type(v, params[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is Literal:
+        if value not in params:
+            raise ConfigError(f"{source}: {key} must be one of {', '.join(map(str, params))}; got {value!r}")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{source}: {key} must be true or false; got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{source}: {key} must be an integer; got {value!r}")
+    if not isinstance(value, hint):
+        raise ConfigError(f"{source}: {key} must be {hint.__name__}; got {value!r}")
+    return value
+
+
+def validate(cfg: TrainConfig) -> None:
+    t, p, o = cfg.training, cfg.parallel, cfg.optim
+    positive = {"training.steps": (t.steps, 0), "training.batch_size": (t.batch_size, 1),
+                "data.seq_len": (cfg.data.seq_len, 1), "parallel.tp": (p.tp, 1), "parallel.pp": (p.pp, 1),
+                "parallel.dp_replicate": (p.dp_replicate, 1), "training.log_every": (t.log_every, 1),
+                "optim.warmup_steps": (o.warmup_steps, 0), "eval.steps": (cfg.eval.steps, 1),
+                "checkpoint.every": (cfg.checkpoint.every, 0), "checkpoint.keep": (cfg.checkpoint.keep, 1),
+                "faults.max_bad_steps": (cfg.faults.max_bad_steps, 1), "faults.spike_window": (cfg.faults.spike_window, 2),
+                "faults.fingerprint_every": (cfg.faults.fingerprint_every, 0)}
+    for key, (value, least) in positive.items():
+        if value < least:
+            raise ConfigError(f"{key} must be at least {least}; got {value}")
+    if p.dp_shard == 0 or p.dp_shard < -1:
+        raise ConfigError(f"parallel.dp_shard must be -1 or at least 1; got {p.dp_shard}")
+    if t.micro_batch_size is not None and t.micro_batch_size < 1:
+        raise ConfigError(f"training.micro_batch_size must be at least 1; got {t.micro_batch_size}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1]; got {o.min_lr_ratio}")
+    if not 0 < o.decay_ratio <= 1:
+        raise ConfigError(f"optim.decay_ratio must be in (0, 1]; got {o.decay_ratio}")
+    from .faults import parse_faults
+    parse_faults(cfg.faults.inject, key="faults.inject")
+    args = cfg.model_args()
+    if cfg.data.seq_len > args.max_seq_len:
+        raise ConfigError(f"data.seq_len {cfg.data.seq_len} is longer than the model's max_seq_len "
+                          f"{args.max_seq_len}")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The parallel degrees resolved against the world size, and what they imply for the batch."""
+
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    pp: int
+    micro_batch_size: int
+    grad_accum: int
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+
+def resolve_layout(cfg: TrainConfig, world_size: int) -> Layout:
+    p, t = cfg.parallel, cfg.training
+    fixed = p.dp_replicate * p.tp * p.pp
+    dp_shard = p.dp_shard if p.dp_shard != -1 else world_size // fixed
+    if dp_shard < 1 or fixed * dp_shard != world_size:
+        raise ConfigError(f"parallel: dp_replicate {p.dp_replicate} x dp_shard {p.dp_shard} x tp {p.tp} x pp {p.pp} "
+                          f"does not match the {world_size} processes")
+    dp = p.dp_replicate * dp_shard
+    micro = t.micro_batch_size or t.batch_size // dp
+    if micro < 1 or t.batch_size % (micro * dp):
+        raise ConfigError(f"training.batch_size {t.batch_size} must be a multiple of micro_batch_size x dp "
+                          f"({micro} x {dp})")
+    if p.pp > 1:
+        n_micro = p.pp_microbatches or p.pp
+        if n_micro < 1 or micro % n_micro:
+            raise ConfigError(f"parallel.pp_microbatches {n_micro} must divide the micro batch of {micro} sequences")
+        if p.pp_schedule == "1f1b" and n_micro < p.pp:
+            raise ConfigError(f"parallel.pp_microbatches {n_micro}: 1F1B needs at least one per stage ({p.pp})")
+        rounds = max(1, n_micro // p.pp)
+        if p.pp_schedule == "interleaved-1f1b" and n_micro % rounds:
+            raise ConfigError(f"parallel.pp_microbatches {n_micro}: interleaved 1F1B needs a multiple of {rounds}")
+    args = cfg.model_args()
+    for name, heads in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads)):
+        if heads % p.tp:
+            raise ConfigError(f"parallel.tp {p.tp} must divide the model's {name} ({heads})")
+    if p.tp > 1 and cfg.data.seq_len % p.tp:
+        raise ConfigError(f"parallel.tp {p.tp} must divide data.seq_len {cfg.data.seq_len} (sequence parallel)")
+    stages = p.pp * (p.pp_stages_per_rank if p.pp_schedule == "interleaved-1f1b" else 1)
+    if stages > args.n_layers:
+        raise ConfigError(f"{stages} pipeline stages need at least as many layers; the model has {args.n_layers}")
+    if p.pp > 1 and args.tie_embeddings:
+        raise ConfigError("parallel.pp > 1 needs untied embeddings: the first and last stage would share a weight")
+    return Layout(p.dp_replicate, dp_shard, p.tp, p.pp, micro, t.batch_size // (micro * dp))

@@ -1,0 +1,133 @@
+"""Training metrics: FLOP counting, MFU against a configured or measured peak, memory, and the writers (console,
+JSONL, TensorBoard, a loss-curve PNG)."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..args import ModelArgs
+
+
+def matmul_params(args: ModelArgs) -> int:
+    """Parameters that take part in a matmul for every token: all but the embedding table (a lookup) and the norm
+    gains. The output projection counts even when it shares its weight with the embedding."""
+    lookup = 0 if args.tie_embeddings else args.vocab_size * args.dim
+    norms = (2 * args.n_layers + 1) * args.dim
+    return args.num_params() - lookup - norms
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per matmul parameter (forward 2, backward 4), plus attention's two T x T
+    matmuls (QK^T and AV: 4 * T * dim forward per layer, x3 with backward), halved because causal attention skips
+    the upper triangle. Document masking skips more, but is not credited."""
+    attention = 12 * args.n_layers * args.dim * seq_len / 2
+    return 6 * matmul_params(args) + attention
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None = None, seconds: float = 0.5) -> float:
+    """FLOP/s of a large square matmul in the training dtype: the practical peak of this device."""
+    size = size or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.mm(a, b)  # warm-up (kernel selection, page faults)
+    synchronize(device)
+    runs, start = 0, time.perf_counter()
+    while True:
+        torch.mm(a, b)
+        runs += 1
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds and runs >= 2:
+            return 2 * size**3 * runs / elapsed
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or on CPU the peak resident memory of this process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class MetricsWriter:
+    """Writes each record to the console, metrics.jsonl and TensorBoard (when installed); plots the losses at the
+    end. Only one process (rank 0) should own a writer."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True, stream=None):
+        self.run_dir = run_dir
+        self.stream = stream or sys.stdout
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional: metrics.jsonl has everything
+                pass
+
+    def log(self, record: dict) -> None:
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+        print(format_record(record), file=self.stream, flush=True)
+
+    def print(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def format_record(r: dict) -> str:
+    if "val_loss" in r:
+        return f"step {r['step']:>6} | val loss {r['val_loss']:.4f}"
+    parts = [f"step {r['step']:>6}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm']:.3f}",
+             f"{r['tokens_per_s']:,.0f} tok/s ({r['tokens_per_s_per_device']:,.0f}/dev)",
+             f"{r['tflops_per_device']:.3g} TFLOP/s/dev", f"MFU {100 * r['mfu']:.1f}%",
+             f"mem {r['peak_mem_gib']:.2f} GiB", f"{r['step_time_s']:.2f}s"]
+    return " | ".join(parts)
+
+
+def plot_losses(jsonl_path: Path, png_path: Path) -> bool:
+    """Training (and validation) loss against step, from metrics.jsonl. False when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    train, val = [], []
+    for line in jsonl_path.read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            train.append((r["step"], r["loss"]))
+        if "val_loss" in r:
+            val.append((r["step"], r["val_loss"]))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return True

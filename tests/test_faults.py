@@ -1,0 +1,171 @@
+"""Fault tolerance: atomic checksummed checkpoints, the loss guard, rollback, the watchdog, replica fingerprints and
+the injector. Each injected fault must be recovered with no one watching, ending on the parameters of the
+fault-free run. One process here; tests/test_faults_distributed.py does the same under torchrun with 2 ranks."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from llama3.train import train
+from llama3.train.checkpoint import Checkpointer, ModelState
+from llama3.train.config import ConfigError, load_config
+from llama3.train.faults import (HANG_EXIT_CODE, LossGuard, corrupt_file, flip_bit, parameter_fingerprint,
+                                 parse_faults)
+from llama3.weights import read_checkpoint
+
+pytestmark = pytest.mark.timeout(300)
+
+TINY = ["model.preset=debug-tiny", "data.dataset=synthetic", "data.seq_len=32", "training.batch_size=4",
+        "training.steps=8", "optim.warmup_steps=2", "eval.every=-1", "metrics.peak_tflops=1",
+        "metrics.tensorboard=false", "metrics.plot=false", "checkpoint.every=2", "checkpoint.keep=2"]
+
+
+def final_params(run_dir) -> dict[str, torch.Tensor]:
+    return read_checkpoint(run_dir / "model").state_dict
+
+
+def assert_same_params(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def fault_free(tmp_path_factory):
+    run = tmp_path_factory.mktemp("fault-free")
+    losses = train(TINY + [f"run.dir={run}"])
+    return run, losses
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------------
+
+def test_checkpoints_commit_with_a_manifest(fault_free):
+    run, _ = fault_free
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000006", "step-00000008"]
+    assert (ckpts / "latest").read_text().strip() == "step-00000008"
+    manifest = json.loads((ckpts / "step-00000008" / "manifest.json").read_text())
+    assert manifest["step"] == 8 and any(name.endswith(".distcp") for name in manifest["files"])
+    goodput = json.loads((run / "goodput.json").read_text())["summary"]
+    assert 0 < goodput["goodput"] < 1 and goodput["restarts"] == 0
+
+
+def test_corrupt_or_partial_checkpoints_never_count(fault_free, tmp_path):
+    run, _ = fault_free
+    import shutil
+    shutil.copytree(run / "checkpoints", tmp_path / "c")
+    model = torch.nn.Linear(2, 2)
+    checkpointer = Checkpointer(tmp_path / "c", {"model": ModelState([model])}, log=lambda m: None)
+    assert checkpointer.verify(8) is None
+    corrupt_file(checkpointer.path(8))
+    assert "checksum" in checkpointer.verify(8)
+    (tmp_path / "c" / "step-00000009").mkdir()  # a save killed before its manifest was written
+    (tmp_path / "c" / ".tmp-step-00000010").mkdir()  # a save killed while writing
+    assert checkpointer.complete_steps() == [6, 8]
+    assert checkpointer._newest_valid_step() == 6
+    assert (tmp_path / "c" / "corrupt-step-00000008").is_dir() and checkpointer.complete_steps() == [6]
+
+
+def test_resume_is_bit_identical_after_a_kill(fault_free, tmp_path):
+    """SIGKILL before step 6 (checkpoints at 2 and 4), start again: the same losses and final parameters."""
+    run, losses = fault_free
+    killed = subprocess.run([sys.executable, "-m", "llama3.train", *TINY, f"run.dir={tmp_path}",
+                             "faults.inject=['kill:step=6']"], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = train(TINY + [f"run.dir={tmp_path}"])
+    assert resumed == losses[4:]
+    assert_same_params(final_params(tmp_path), final_params(run))
+    assert json.loads((tmp_path / "goodput.json").read_text())["summary"]["restarts"] == 1
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_failing_save_keeps_training_and_the_previous_checkpoint(fault_free, tmp_path, async_save):
+    run, losses = fault_free
+    got = train(TINY + [f"run.dir={tmp_path}", "faults.inject=['fail_save:step=4']",
+                        f"checkpoint.async_save={str(async_save).lower()}"])
+    assert got == losses
+    assert "checkpoint of step 4 failed" in (tmp_path / "events.log").read_text()
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert_same_params(final_params(tmp_path), final_params(run))
+
+
+# ---- the loss guard ----------------------------------------------------------------------------------------------
+
+def test_a_nan_step_is_skipped(tmp_path):
+    reference = tmp_path / "reference"
+    train(TINY + [f"run.dir={reference}", "faults.skip_steps=[5]"])
+    faulty = tmp_path / "faulty"
+    train(TINY + [f"run.dir={faulty}", "faults.inject=['nan:step=5']"])
+    assert "step 5: non-finite loss" in (faulty / "events.log").read_text()
+    assert_same_params(final_params(faulty), final_params(reference))
+
+
+def test_nans_in_a_row_roll_back_and_skip_the_window(tmp_path):
+    reference = tmp_path / "reference"
+    train(TINY + [f"run.dir={reference}", "faults.skip_steps=[5, 6]"])
+    faulty = tmp_path / "faulty"
+    train(TINY + [f"run.dir={faulty}", "faults.max_bad_steps=2",
+                  "faults.inject=['nan:step=5', 'nan:step=6']"])
+    events = (faulty / "events.log").read_text()
+    assert "rolled back to the checkpoint of step 4" in events
+    assert json.loads((faulty / "skip_steps.json").read_text()) == [5, 6]
+    assert_same_params(final_params(faulty), final_params(reference))
+
+
+def test_loss_guard_spikes():
+    guard = LossGuard(zscore=4, window=5)
+    for loss in (3.0, 2.9, 3.1, 3.0, 2.95):
+        assert guard.check(loss, 1.0) is None
+    assert "spike" in guard.check(9.0, 1.0)
+    assert guard.check(3.05, 1.0) is None  # the spike did not enter the statistics
+    assert "non-finite" in guard.check(float("inf"), 1.0)
+    assert "non-finite" in guard.check(3.0, float("nan"))
+    assert guard.bad_in_a_row == 2
+
+
+# ---- hangs, silent corruption, injector ------------------------------------------------------------------------
+
+def test_watchdog_dumps_stacks_and_exits(tmp_path):
+    script = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from llama3.train.faults import Watchdog
+        dog = Watchdog(0.5, Path({str(tmp_path / 'hang.txt')!r}))
+        def stuck_in_a_collective():
+            time.sleep(30)
+        stuck_in_a_collective()
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == HANG_EXIT_CODE
+    assert "stuck_in_a_collective" in result.stderr
+    assert "stuck_in_a_collective" in (tmp_path / "hang.txt").read_text()
+
+
+def test_a_flipped_bit_changes_the_fingerprint():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    before = parameter_fingerprint([model])
+    assert parameter_fingerprint([model]) == before
+    flip_bit([model])
+    assert parameter_fingerprint([model]) != before
+
+
+def test_fault_specs():
+    faults = parse_faults(["kill:step=7:rank=1", "nan:step=3", "hang:step=2"])
+    assert [(f.kind, f.step, f.rank) for f in faults] == [("kill", 7, 1), ("nan", 3, None), ("hang", 2, 0)]
+    with pytest.raises(ConfigError, match="unknown fault kind 'explode'"):
+        load_config(None, ["faults.inject=['explode:step=1']"])
+    with pytest.raises(ConfigError, match="needs step=S"):
+        parse_faults(["kill:rank=1"])
+    with pytest.raises(ConfigError, match="faults.skip_steps\\[0\\] must be an integer"):
+        load_config(None, ["faults.skip_steps=['x']"])
+
+
+def test_export_to_meta_layout(fault_free, tmp_path):
+    run, _ = fault_free
+    train(TINY + [f"run.dir={tmp_path}", "checkpoint.export_layout=meta"])
+    assert (tmp_path / "model" / "consolidated.00.pth").exists()
+    assert_same_params(final_params(tmp_path), final_params(run))
