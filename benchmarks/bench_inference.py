@@ -157,7 +157,8 @@ def worker(args) -> None:
         protocol.flush()
 
     torch.set_num_threads(args.threads)
-    # Peak RSS sampled from here on (ru_maxrss would also count the parent's memory at the fork).
+    # Peak RSS sampled from here on, less the interpreter with torch and llama3 imported (~300 MB, the same in every
+    # worker; ru_maxrss would also count the parent's memory at the fork).
     with PeakMemory(interval=0.02) as whole:
         try:
             engine = ENGINES[args.worker][1](args)
@@ -169,7 +170,7 @@ def worker(args) -> None:
             request = json.loads(line)
             run = engine.run(request["ids"], request["n"])
             reply({"ttft_s": run.ttft_s, "decode_s": run.decode_s, "tokens": run.tokens, "new_tokens": run.new_tokens,
-                   "peak_mb": max(whole.peak, rss_bytes()) / 1e6, **engine.extra()})
+                   "peak_mb": (max(whole.peak, rss_bytes()) - whole.start) / 1e6, **engine.extra()})
 
 
 # ---- the parent: start workers, alternate rounds, report ---------------------------------------------------------
@@ -215,7 +216,7 @@ def report(workers: list[Worker], args) -> dict:
                for w in workers}
     print(f"\n{args.model}: prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens (greedy), "
           f"{args.threads} threads, median of {args.rounds} alternating rounds\n")
-    print(format_table(list(results.values())))
+    print(format_table(list(results.values()), peak_header="peak MB over imports"))
     print("\ntargets (ratios within this run):")
     summary = {"targets": []}
     for figure, ours, peer, goal in TARGETS:

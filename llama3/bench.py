@@ -208,8 +208,8 @@ def _measure_ours(model, *, quantize, prepack, compile, prompt_tokens, new_token
                   ", ".join(notes))
 
 
-def format_table(results: list[Result]) -> str:
-    header = ["", "load s", "load peak MB (x weights)", "prefill tok/s", "TTFT ms", "decode tok/s", "peak RSS MB"]
+def format_table(results: list[Result], peak_header: str = "peak RSS MB") -> str:
+    header = ["", "load s", "load peak MB (x weights)", "prefill tok/s", "TTFT ms", "decode tok/s", peak_header]
     rows = [header]
     for r in results:
         load = f"{r.load_s:.2f}" + (f" (+{r.compile_s:.0f} compile)" if r.compile_s else "")
