@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -28,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from llama3.bench import PeakMemory, Result, Run, format_table, ours_stream, prompt_ids, tensor_bytes, time_stream  # noqa: E402
+from llama3.bench import (PeakMemory, Result, Run, format_table, ours_stream, prompt_ids, rss_bytes,  # noqa: E402
+                          tensor_bytes, time_stream)
 from llama3.hub import DEFAULT_MODEL, resolve  # noqa: E402
 
 # (figure, ours, peer, at least this ratio): the targets of this benchmark.
@@ -157,17 +157,20 @@ def worker(args) -> None:
         protocol.flush()
 
     torch.set_num_threads(args.threads)
-    try:
-        engine = ENGINES[args.worker][1](args)
-    except ImportError as e:
-        reply({"error": f"not installed: {e.name or e}"})
-        return
-    reply(engine.info)
-    for line in sys.stdin:
-        request = json.loads(line)
-        run = engine.run(request["ids"], request["n"])
-        reply({"ttft_s": run.ttft_s, "decode_s": run.decode_s, "tokens": run.tokens, "new_tokens": run.new_tokens,
-               "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3, **engine.extra()})
+    # Peak RSS sampled from here on, less the interpreter with torch and llama3 imported (~300 MB, the same in every
+    # worker; ru_maxrss would also count the parent's memory at the fork).
+    with PeakMemory(interval=0.02) as whole:
+        try:
+            engine = ENGINES[args.worker][1](args)
+        except ImportError as e:
+            reply({"error": f"not installed: {e.name or e}"})
+            return
+        reply(engine.info)
+        for line in sys.stdin:
+            request = json.loads(line)
+            run = engine.run(request["ids"], request["n"])
+            reply({"ttft_s": run.ttft_s, "decode_s": run.decode_s, "tokens": run.tokens, "new_tokens": run.new_tokens,
+                   "peak_mb": (max(whole.peak, rss_bytes()) - whole.start) / 1e6, **engine.extra()})
 
 
 # ---- the parent: start workers, alternate rounds, report ---------------------------------------------------------
@@ -203,8 +206,8 @@ class Worker:
 
 
 def encode_prompt(model: str, n: int) -> list[int]:
-    from llama3.llama import load
-    return prompt_ids(load(model).tokenizer, n)
+    from llama3.bench import load_tokenizer
+    return prompt_ids(load_tokenizer(model), n)
 
 
 def report(workers: list[Worker], args) -> dict:
@@ -213,7 +216,7 @@ def report(workers: list[Worker], args) -> dict:
                for w in workers}
     print(f"\n{args.model}: prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens (greedy), "
           f"{args.threads} threads, median of {args.rounds} alternating rounds\n")
-    print(format_table(list(results.values())))
+    print(format_table(list(results.values()), peak_header="peak MB over imports"))
     print("\ntargets (ratios within this run):")
     summary = {"targets": []}
     for figure, ours, peer, goal in TARGETS:

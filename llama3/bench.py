@@ -45,6 +45,21 @@ def prompt_ids(tokenizer, n_tokens: int) -> list[int]:
     return ids[:n_tokens]
 
 
+def load_tokenizer(model: str):
+    """The tokenizer of a model without reading its weights."""
+    from .hub import resolve
+    from .weights import WeightsError, detect_format, read_tokenizer
+    path = resolve(model)
+    if detect_format(path) == "gguf":
+        from .tokenizer import BPETokenizer
+        from .weights.gguf import open_reader
+        return BPETokenizer.from_gguf(open_reader(path if path.is_file() else sorted(path.glob("*.gguf"))[0]))
+    tokenizer, _ = read_tokenizer(path)
+    if tokenizer is None:
+        raise WeightsError(f"{path}: no tokenizer found next to the weights")
+    return tokenizer
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -193,8 +208,8 @@ def _measure_ours(model, *, quantize, prepack, compile, prompt_tokens, new_token
                   ", ".join(notes))
 
 
-def format_table(results: list[Result]) -> str:
-    header = ["", "load s", "load peak MB (x weights)", "prefill tok/s", "TTFT ms", "decode tok/s", "peak RSS MB"]
+def format_table(results: list[Result], peak_header: str = "peak RSS MB") -> str:
+    header = ["", "load s", "load peak MB (x weights)", "prefill tok/s", "TTFT ms", "decode tok/s", peak_header]
     rows = [header]
     for r in results:
         load = f"{r.load_s:.2f}" + (f" (+{r.compile_s:.0f} compile)" if r.compile_s else "")

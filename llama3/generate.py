@@ -4,6 +4,7 @@ text that never splits a multi-byte character or shows part of a stop string."""
 from __future__ import annotations
 
 import time
+import types
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -93,34 +94,42 @@ class DecodeStep:
         self.model = model
         self.compile = compile or cuda_graphs
         self.cuda_graphs = cuda_graphs
-        self.compile_seconds: float | None = None
+        self.compile_seconds: float | None = None  # set by the first call (torch.compile is lazy anyway)
+        self._fn = _decode
         self._seen_cache: KVCache | None = None
-        if not self.compile:
-            self._fn = _decode
-        else:
-            self._fn = torch.compile(_decode, fullgraph=True, mode="reduce-overhead" if cuda_graphs else None)
 
     def __call__(self, tokens: Tensor, positions: Tensor, cache: KVCache, kv_len: int) -> Tensor:
         if self.cuda_graphs:
             kv_len = cache.max_seq_len
         mask = torch.arange(kv_len, device=tokens.device) <= positions[:, None, :, None]  # (B, 1, T, kv_len)
         if not self.compile:
-            return self._fn(self.model, tokens, positions, cache, mask)
+            return _decode(self.model, tokens, positions, cache, mask)
         if not self.cuda_graphs:
             torch._dynamo.mark_dynamic(mask, 3)
         if cache is not self._seen_cache:  # each generation sizes its own cache
-            for t in cache.k + cache.v:
+            for t in (cache.k, cache.v):
                 if self.cuda_graphs:
                     torch._dynamo.mark_static_address(t)
-                else:  # one graph for all cache sizes
-                    torch._dynamo.mark_dynamic(t, 1)
+                else:  # one graph for all cache sizes: (n_layers, max_batch, max_seq_len, ...)
+                    torch._dynamo.mark_dynamic(t, 2)
             self._seen_cache = cache
         if self.compile_seconds is not None:
             return self._fn(self.model, tokens, positions, cache, mask)
-        start = time.perf_counter()
+        start = time.perf_counter()  # the first call: importing the compiler and compiling
+        self._fn = self._compiled()
         logits = self._fn(self.model, tokens, positions, cache, mask)
         self.compile_seconds = time.perf_counter() - start
         return logits
+
+    def _compiled(self):
+        # No guards on the model's modules: checking them costs ~2 ms per step for a 30-layer model, about as much
+        # as the attention. The price: the step is compiled for the model as it is at the first call; after
+        # swapping its modules or changing its dtype, make a new DecodeStep. torch.compile caches graphs per code
+        # object, so each step compiles a copy of its own: a graph made for another model is never picked up.
+        fn = types.FunctionType(_decode.__code__.replace(), _decode.__globals__, "decode_step")
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        return torch.compile(fn, fullgraph=True, mode="reduce-overhead" if self.cuda_graphs else None,
+                             options=options)
 
 
 def _decode(model: Transformer, tokens: Tensor, positions: Tensor, cache: KVCache, mask: Tensor) -> Tensor:
@@ -150,8 +159,7 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], *, max_new_tok
     tokens = torch.zeros(B, T, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-    positions = torch.arange(T, device=device).expand(B, T)
-    logits = model(tokens, positions, cache, logits_index=lengths - 1)[:, -1]
+    logits = model(tokens, cache=cache, logits_index=lengths - 1)[:, -1]  # positions 0..T-1: plain causal
     generator = make_generator(params.seed, device)
     stop = set(stop_ids)
     done = [False] * B

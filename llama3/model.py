@@ -62,30 +62,30 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Static, preallocated keys and values: per layer, k[layer] and v[layer] of (max_batch, max_seq_len,
-    n_kv_heads, head_dim).
+    """Static, preallocated keys and values of every layer: (n_layers, max_batch, max_seq_len, n_kv_heads, head_dim).
 
     Batch row b of a forward pass uses cache row b. Entries past a row's current position may hold stale values;
-    the attention mask hides them, and they are zero-initialised so they can never inject NaNs. Each layer owns a
-    separate tensor (not a view of one big one) so that a compiled step updates it in place instead of copying it.
+    the attention mask hides them, and they are zero-initialised so they can never inject NaNs.
     """
 
     def __init__(self, args: ModelArgs, max_batch: int, max_seq_len: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len or args.max_seq_len
-        shape = (max_batch, self.max_seq_len, args.n_kv_heads, args.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        shape = (args.n_layers, max_batch, self.max_seq_len, args.n_kv_heads, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, layer: int, xk: Tensor, xv: Tensor, positions: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
         """Store this step's keys/values at their positions; return each row's first kv_len cached entries."""
         B = xk.shape[0]
         rows = torch.arange(B, device=xk.device)[:, None]
-        k, v = self.k[layer], self.v[layer]
-        k[rows, positions] = xk.to(k.dtype)
-        v[rows, positions] = xv.to(v.dtype)
-        return k[:B, :kv_len], v[:B, :kv_len]
+        # One index_put_ on the whole tensor (not on a per-layer view): torch.compile then updates it in place
+        # instead of copying the cache for every layer.
+        index = (torch.full_like(positions, layer), rows.expand_as(positions), positions)
+        self.k.index_put_(index, xk.to(self.k.dtype))
+        self.v.index_put_(index, xv.to(self.v.dtype))
+        return self.k[layer, :B, :kv_len], self.v[layer, :B, :kv_len]
 
     def copy_rows(self, dst_rows, src: KVCache, src_rows, length: int) -> None:
         """Copy the first `length` positions of `src`'s rows into rows of this cache, in every layer (moving a
@@ -117,6 +117,8 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_id, k, v, positions, kv_len)  # (B, kv_len, n_kv_heads, head_dim)
             q = q.to(k.dtype)  # attention runs in the cache's dtype
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first for attention
+        if T > 1:  # the CPU attention kernel runs ~1.5x faster on contiguous heads: worth a copy for a prompt
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
 
@@ -162,17 +164,23 @@ class Transformer(nn.Module):
         """tokens (B, T) -> logits (B, T, vocab) in fp32.
 
         positions: (B, T) absolute position of each token (default 0..T-1). With a cache, keys/values are stored
-        at these positions and a query at position p attends to its row's cached positions <= p.
+        at these positions and a query at position p attends to its row's cached positions <= p; without
+        positions the cache is taken to start empty (a prompt's prefill), and attention is plainly causal.
         attn_mask: boolean (B, 1, T, S) mask overriding the causal one (e.g. document masking in training).
         logits_index: (B,) index along T of the only token whose logits are wanted (e.g. the last prompt token).
         """
         B, T = tokens.shape
-        if positions is None:
+        from_start = positions is None
+        if from_start:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         cos, sin = rope_cos_sin(self.args, positions)
         kv_len = 0
         if cache is not None and attn_mask is not None:
             kv_len = attn_mask.shape[-1]  # the caller's mask covers the cached positions; no host sync needed
+        elif cache is not None and from_start:
+            kv_len = T  # is_causal: the attention kernel skips the masked half instead of reading a mask
+            if kv_len > cache.max_seq_len:
+                raise ValueError(f"position {kv_len - 1} is past the KV cache length {cache.max_seq_len}")
         elif cache is not None:
             kv_len = int(positions.max()) + 1
             if kv_len > cache.max_seq_len:

@@ -85,7 +85,12 @@ class SpeculativeDecoder:
         device = self.target.norm.weight.device
         size = len(prompt) + max_new_tokens + self.k + 1  # a last round may draft past the end
         target_cache = KVCache(self.target.args, 1, size, dtype=cache_dtype(self.target), device=device)
-        draft_cache = KVCache(self.draft.args, 1, size, dtype=cache_dtype(self.draft), device=device)
+        # A draft with the target's cache shape (e.g. the target quantized) shares its cache: it then never reads
+        # the prompt itself and always sees the target's keys/values for settled tokens. The target stays exact:
+        # each pass rewrites every position it attends to at or past its first input before reading it.
+        shared = self.shares_cache()
+        draft_cache = target_cache if shared else \
+            KVCache(self.draft.args, 1, size, dtype=cache_dtype(self.draft), device=device)
         generator = make_generator(params.seed, device)
         greedy = params.temperature == 0
         stop = set(stop_ids)
@@ -105,11 +110,11 @@ class SpeculativeDecoder:
             probs = sampling_probs(logits[None], params)[0]
             return int(torch.multinomial(probs, 1, generator=generator)), probs
 
-        # The prompt through the target gives the first token; the draft catches up on its first round.
+        # The prompt through the target gives the first token; a separate draft cache catches up on the first round.
         last = torch.tensor([len(prompt) - 1], device=device)
         first, _ = pick(self.target(torch.tensor([prompt], device=device), cache=target_cache, logits_index=last)[0, -1])
         seq = list(prompt) + [first]
-        target_len, draft_len = len(prompt), 0  # positions whose keys/values each cache holds
+        target_len, draft_len = len(prompt), len(prompt) if shared else 0  # positions each cache holds
         emitted = 0
         while True:
             new = seq[len(prompt) + emitted:]
@@ -139,5 +144,11 @@ class SpeculativeDecoder:
             self.accepted += m
             # Cache entries past the accepted tokens are stale; they sit at positions that get rewritten.
             target_len = len(seq) + m
-            draft_len = len(seq) + min(m, self.k - 1)
+            draft_len = target_len if shared else len(seq) + min(m, self.k - 1)
             seq += settled
+
+    def shares_cache(self) -> bool:
+        t, d = self.target, self.draft
+        same_shape = (t.args.n_layers, t.args.n_kv_heads, t.args.head_dim) == \
+            (d.args.n_layers, d.args.n_kv_heads, d.args.head_dim)
+        return same_shape and cache_dtype(t) == cache_dtype(d) and t.norm.weight.device == d.norm.weight.device

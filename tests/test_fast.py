@@ -47,3 +47,16 @@ def test_compiled_decode_step_matches_eager_without_recompiling(kind):
     # Another prompt length and cache size: the same graph (kv_len and the cache length are dynamic).
     assert greedy(model, [5, 4, 3, 2, 1], 17, step) == greedy(model, [5, 4, 3, 2, 1], 17)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+@torch.no_grad()
+def test_prefill_from_an_empty_cache_is_plain_causal_attention():
+    # Without positions the model takes the cache as empty and skips the mask (is_causal): same logits, same cache.
+    from llama3.model import KVCache
+    model = random_model(tiny_args())
+    tokens = torch.randint(0, 512, (2, 11))
+    causal_cache, masked_cache = KVCache(model.args, 2, 16), KVCache(model.args, 2, 16)
+    causal = model(tokens, cache=causal_cache)
+    masked = model(tokens, torch.arange(11).expand(2, 11), masked_cache)
+    assert (causal - masked).abs().max() <= 1e-5 and (causal - model(tokens)).abs().max() <= 1e-5
+    assert torch.equal(causal_cache.k, masked_cache.k) and torch.equal(causal_cache.v, masked_cache.v)
