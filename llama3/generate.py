@@ -60,11 +60,13 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def cache_dtype(model: Transformer) -> torch.dtype:
-    """The KV cache's dtype, which is also the attention's: the model's, except fp32 on CPU, where torch's bf16
-    attention kernel is ~10x slower than its fp32 one (no AMX) and the cache is small anyway."""
+def cache_dtype(model: Transformer, compiled: bool = False) -> torch.dtype:
+    """The KV cache's dtype: the model's, except fp32 for eager steps on CPU, where attention runs in fp32 (torch's
+    bf16 attention kernel is ~9x slower) and a bf16 cache would be widened at every step. A compiled step reads a
+    bf16 cache as it is (see model.attention_by_reduction): half the bytes per token, the same values (a bf16
+    model's keys and values are bf16 already)."""
     weight = model.norm.weight
-    return torch.float32 if weight.device.type == "cpu" else weight.dtype
+    return torch.float32 if weight.device.type == "cpu" and not compiled else weight.dtype
 
 
 def check_prompt_lengths(prompts: list[list[int]], context: int) -> None:
@@ -97,6 +99,11 @@ class DecodeStep:
         self.compile_seconds: float | None = None  # set by the first call (torch.compile is lazy anyway)
         self._fn = _decode
         self._seen_cache: KVCache | None = None
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype of the KV caches this step should be given."""
+        return cache_dtype(self.model, compiled=self.compile)
 
     def __call__(self, tokens: Tensor, positions: Tensor, cache: KVCache, kv_len: int) -> Tensor:
         if self.cuda_graphs:
@@ -155,7 +162,8 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], *, max_new_tok
     if max_new_tokens <= 0:
         return
     B = len(prompts)
-    cache = KVCache(model.args, B, T + max_new_tokens, dtype=cache_dtype(model), device=device)
+    step = step or DecodeStep(model)
+    cache = KVCache(model.args, B, T + max_new_tokens, dtype=step.cache_dtype, device=device)
     tokens = torch.zeros(B, T, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
@@ -163,7 +171,6 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], *, max_new_tok
     generator = make_generator(params.seed, device)
     stop = set(stop_ids)
     done = [False] * B
-    step = step or DecodeStep(model)
     for i in range(max_new_tokens):
         next_tokens = sample(logits, params, generator)
         ids = next_tokens.tolist()

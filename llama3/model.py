@@ -57,7 +57,13 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
     As one complex multiply: a single vectorised pass forward and backward, where the same rotation written with
     strided real halves takes several passes (4-10x slower on CPU, which dominated training time)."""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, head_dim/2) complex
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, head_dim/2, 2)
+    if torch.compiler.is_compiling():
+        # The same products in real arithmetic: inductor generates no code for complex tensors (it would fall back
+        # to eager kernels) but fuses this form into one loop.
+        a, b = pairs[..., 0], pairs[..., 1]
+        return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).type_as(x)
+    xc = torch.view_as_complex(pairs)
     return torch.view_as_real(xc * torch.complex(cos, sin)).flatten(-2).type_as(x)
 
 
@@ -114,13 +120,38 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_id, k, v, positions, kv_len)  # (B, kv_len, n_kv_heads, head_dim)
-            q = q.to(k.dtype)  # attention runs in the cache's dtype
+            cached_k, cached_v = cache.update(self.layer_id, k, v, positions, kv_len)
+            if mask is not None:  # attend to earlier cached positions too (a prompt from an empty cache has none)
+                k, v = cached_k, cached_v  # (B, kv_len, n_kv_heads, head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first for attention
-        if T > 1:  # the CPU attention kernel runs ~1.5x faster on contiguous heads: worth a copy for a prompt
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        if x.device.type == "cpu" and T <= 8 and mask is not None and torch.compiler.is_compiling():
+            out = attention_by_reduction(q, k, v, mask)
+        else:
+            if x.device.type == "cpu":  # torch's bf16 attention kernel is ~9x slower than its fp32 one on CPU
+                q, k, v = q.float(), k.float(), v.float()
+            else:
+                q = q.to(k.dtype)  # attention runs in the cache's dtype
+            if T > 1:  # the CPU attention kernel runs ~1.5x faster on contiguous heads: worth a copy for a prompt
+                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
+
+
+def attention_by_reduction(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention of a few queries over a cache, written as the sums it is: q (B, H, T, hd), k/v (B, n_kv_heads, S,
+    hd), boolean mask (B, 1, T, S) -> (B, H, T, hd) in fp32.
+
+    For torch.compile on CPU in decoding: inductor turns these into loops that read each cached key and value once,
+    widening bf16 to fp32 on the fly, where the attention kernel is an opaque call that costs more than reading
+    the cache for one query (and ~9x more still with a bf16 cache). In eager mode it would materialise the
+    products; the model uses it only when compiling."""
+    B, H, T, hd = q.shape
+    n_kv = k.shape[1]
+    q = q.float().view(B, n_kv, H // n_kv, T, 1, hd)  # query heads grouped under the key/value head they share
+    scores = (q * k.float()[:, :, None, None]).sum(-1) * hd ** -0.5  # (B, n_kv, H/n_kv, T, S)
+    probs = torch.softmax(scores.masked_fill(~mask[:, None], float("-inf")), dim=-1)
+    out = (probs[..., None] * v.float()[:, :, None, None]).sum(-2)  # (B, n_kv, H/n_kv, T, hd)
+    return out.view(B, H, T, hd)
 
 
 class FeedForward(nn.Module):

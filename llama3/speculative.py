@@ -18,8 +18,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor
 
-from .generate import (DecodeStep, SamplingParams, cache_dtype, check_prompt_lengths, make_generator,
-                       sampling_probs)
+from .generate import DecodeStep, SamplingParams, check_prompt_lengths, make_generator, sampling_probs
 from .model import KVCache, Transformer
 
 
@@ -84,13 +83,13 @@ class SpeculativeDecoder:
             return
         device = self.target.norm.weight.device
         size = len(prompt) + max_new_tokens + self.k + 1  # a last round may draft past the end
-        target_cache = KVCache(self.target.args, 1, size, dtype=cache_dtype(self.target), device=device)
+        target_cache = KVCache(self.target.args, 1, size, dtype=self.target_step.cache_dtype, device=device)
         # A draft with the target's cache shape (e.g. the target quantized) shares its cache: it then never reads
         # the prompt itself and always sees the target's keys/values for settled tokens. The target stays exact:
         # each pass rewrites every position it attends to at or past its first input before reading it.
         shared = self.shares_cache()
         draft_cache = target_cache if shared else \
-            KVCache(self.draft.args, 1, size, dtype=cache_dtype(self.draft), device=device)
+            KVCache(self.draft.args, 1, size, dtype=self.draft_step.cache_dtype, device=device)
         generator = make_generator(params.seed, device)
         greedy = params.temperature == 0
         stop = set(stop_ids)
@@ -151,4 +150,5 @@ class SpeculativeDecoder:
         t, d = self.target, self.draft
         same_shape = (t.args.n_layers, t.args.n_kv_heads, t.args.head_dim) == \
             (d.args.n_layers, d.args.n_kv_heads, d.args.head_dim)
-        return same_shape and cache_dtype(t) == cache_dtype(d) and t.norm.weight.device == d.norm.weight.device
+        # The shared cache keeps the target's dtype; the draft's attention reads any (it widens to fp32 or its own).
+        return same_shape and t.norm.weight.device == d.norm.weight.device
