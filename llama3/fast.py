@@ -1,14 +1,17 @@
-"""fp32 inference on CPU through oneDNN, applied to a loaded model from outside: every nn.Linear is swapped for a
-PackedLinear whose weight is reordered once into oneDNN's blocked layout.
+"""fp32 matmuls on CPU through oneDNN, applied to a model from outside:
+  - inference: every nn.Linear swapped for a PackedLinear whose weight is reordered once into oneDNN's blocked
+    layout (`prepack`);
+  - training: every nn.Linear's forward and backward matmuls sent to oneDNN, parameters untouched
+    (`use_onednn_linears`).
 
-Why: torch's F.linear hands fp32 matmuls to MKL, which on the AMD EPYC machines we measured reaches a third of the
-matmul roof at a 512-token prompt's shapes, and costs 7x more for 2 to 16 rows than for one (it repacks the weight
-on every call). With a prepacked weight oneDNN runs the same prompt 1.5-3x faster and takes about as long for 5
-rows as for 1, which is what makes checking k drafted tokens in one pass cheap (speculative decoding). See
-docs/PERFORMANCE.md for the measurements.
+Why: torch's F.linear hands fp32 matmuls to MKL, which on the AMD EPYC machines we measured runs at about half the
+fp32 roof (~200 of ~450 GFLOP/s at a training step's shapes, a third of the roof at a 512-token prompt's), and
+costs 7x more for 2 to 16 rows than for one (it repacks the weight on every call). oneDNN runs the same shapes at
+~450 GFLOP/s with a plain weight, faster still prepacked, and takes about as long for 5 rows as for 1, which is
+what makes checking k drafted tokens in one pass cheap (speculative decoding). See docs/PERFORMANCE.md.
 
-Inference only: the packed weights are opaque oneDNN tensors (no autograd, no state_dict export). With tied
-embeddings the output projection gets its own packed copy (the embedding keeps its rows for the lookup).
+Prepacked weights are opaque oneDNN tensors (no autograd, no state_dict export); with tied embeddings the output
+projection gets its own packed copy (the embedding keeps its rows for the lookup).
 """
 
 from __future__ import annotations
@@ -59,4 +62,60 @@ def prepack(model: Transformer) -> Transformer:
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
             model.set_submodule(name, PackedLinear(module.weight))
+    return model
+
+
+# ---- training: oneDNN matmuls with autograd, parameters unchanged ----------------------------------------------
+
+@torch.library.custom_op("llama3::onednn_linear", mutates_args=())
+def onednn_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x (M, K) @ weight (N, K)^T -> (M, N), through oneDNN with the weight as it is."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x: Tensor, weight: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _save_inputs(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _onednn_linear_backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    # Both gradients are matmuls of the same kind, so they go through oneDNN too; the transposed copies cost a
+    # pass over memory each, small next to the matmul they make twice as fast.
+    x, weight = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_x = onednn_linear(grad, weight.t().contiguous()) if ctx.needs_input_grad[0] else None
+    grad_w = onednn_linear(grad.t().contiguous(), x.t().contiguous()) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w
+
+
+onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_save_inputs)
+
+
+class OneDNNLinear(nn.Linear):
+    """An nn.Linear (same parameter, same state dict) whose matmuls run in oneDNN, forward and backward."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = onednn_linear(x.reshape(-1, self.in_features).contiguous(), self.weight)
+        out = out.view(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+
+def can_use_onednn_linears(model: nn.Module) -> bool:
+    """fp32 parameters on a CPU whose torch build has oneDNN."""
+    p = next(model.parameters())
+    return p.device.type == "cpu" and p.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+def use_onednn_linears(model: nn.Module) -> nn.Module:
+    """Turn the model's plain nn.Linear modules into OneDNNLinear in place (their parameters, names and hooks stay
+    as they are). Not for tensor-parallel models: oneDNN's op has no DTensor sharding rule. Returns the model."""
+    if not can_use_onednn_linears(model):
+        raise ValueError("oneDNN linears need fp32 parameters on the CPU and a torch build with oneDNN")
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = OneDNNLinear
     return model

@@ -83,3 +83,23 @@ def test_compiled_step_logits_match_eager_for_rows_at_different_positions(kind):
     assert compiled.cache_dtype == (torch.bfloat16 if kind == "int4" else torch.float32)
     tolerance = 1e-4 if kind == "fp32" else 2e-2  # bf16 activations: rounding of differently ordered sums
     assert (logits[0] - logits[1]).abs().max() <= tolerance * logits[0].abs().max()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_onednn_linears_match_torch_in_forward_and_backward(tied):
+    from llama3.fast import OneDNNLinear, use_onednn_linears
+    reference, model = random_model(tiny_args(tie_embeddings=tied)), random_model(tiny_args(tie_embeddings=tied))
+    use_onednn_linears(model)
+    assert sum(isinstance(m, OneDNNLinear) for m in model.modules()) == 2 * 7 + 1
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    tokens = torch.randint(0, 512, (2, 20))
+    for m in (reference, model):
+        torch.nn.functional.cross_entropy(m(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    for (name, p), q in zip(reference.named_parameters(), model.parameters()):
+        assert (p.grad - q.grad).abs().max() <= 1e-5 * p.grad.abs().max(), name
+
+
+def test_onednn_linears_need_fp32_on_cpu():
+    from llama3.fast import use_onednn_linears
+    with pytest.raises(ValueError, match="fp32 parameters on the CPU"):
+        use_onednn_linears(random_model(tiny_args()).to(torch.bfloat16))

@@ -370,3 +370,21 @@ def test_cli_verb(tmp_path, capsys):
     assert "step      2 | loss" in capsys.readouterr().out
     assert main(["train", "training.steps=-1"]) == 2
     assert "error: training.steps must be at least 0" in capsys.readouterr().err
+
+
+def test_onednn_linears_give_the_same_losses_as_torch_matmuls(tmp_path):
+    from llama3.fast import OneDNNLinear
+    from llama3.train.trainer import Trainer
+    trainer = Trainer(load_config(None, TINY + [f"run.dir={tmp_path / 'probe'}"]))
+    assert any(isinstance(m, OneDNNLinear) for m in trainer.parts[0].modules())  # on by default for fp32 CPU
+    onednn = train(TINY + ["training.steps=4", f"run.dir={tmp_path / 'onednn'}"])
+    torch_mm = train(TINY + ["training.steps=4", "training.onednn_linears=false", f"run.dir={tmp_path / 'torch'}"])
+    assert onednn == pytest.approx(torch_mm, abs=1e-5)
+
+
+def test_selective_checkpointing_keeps_onednn_matmuls(tmp_path):
+    # The matmuls stay saved (not recomputed) under selective activation checkpointing: same losses as without.
+    plain = train(TINY + ["training.steps=3", f"run.dir={tmp_path / 'plain'}"])
+    selective = train(TINY + ["training.steps=3", "training.activation_checkpointing=selective",
+                              f"run.dir={tmp_path / 'selective'}"])
+    assert selective == pytest.approx(plain, abs=1e-6)

@@ -20,6 +20,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
                                                SequenceParallel, parallelize_module)
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from ..fast import can_use_onednn_linears, use_onednn_linears
 from ..model import Attention
 from .config import Layout, TrainConfig
 
@@ -46,8 +47,11 @@ def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
 def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainConfig, *, param_dtype: torch.dtype,
                 pipelined: bool = False) -> nn.Module:
     """Apply the configured parallelism in place. `mesh` None: a single process (only AC and compile apply)."""
-    if mesh is not None and mesh["tp"].size() > 1:
+    tensor_parallel = mesh is not None and mesh["tp"].size() > 1
+    if tensor_parallel:
         apply_tensor_parallel(model, mesh["tp"], loss_parallel=cfg.parallel.loss_parallel and not pipelined)
+    elif cfg.training.onednn_linears and param_dtype == torch.float32 and can_use_onednn_linears(model):
+        use_onednn_linears(model)
     if cfg.training.activation_checkpointing != "none":
         apply_activation_checkpointing(model, cfg.training.activation_checkpointing)
     if cfg.training.compile:
@@ -98,6 +102,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: 
 # recomputes the rest (norms, RoPE, SwiGLU's element-wise products), which is most of the activation memory.
 _SAVE_OPS = {
     torch.ops.aten.mm.default,
+    torch.ops.llama3.onednn_linear.default,
     torch.ops.aten.addmm.default,
     torch.ops.aten.bmm.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
