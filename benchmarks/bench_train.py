@@ -9,8 +9,8 @@ sensitive to other processes on a shared machine than the wall clock).
     python benchmarks/bench_train.py                        # batch 2 x 1024 tokens, 4 rounds
     python benchmarks/bench_train.py --batch 4 --seq-len 512 --rounds 6 --no-compile
 
-MFU is against the best fp32 matmul rate measured between the steps over a few shapes (the practical peak of
-this CPU).
+MFU is against the best fp32 matmul rate measured between the steps over a few shapes, in MKL and in oneDNN
+(the practical peak of this CPU).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from llama3.args import ModelArgs
+from llama3.fast import onednn_linear
 from llama3.train.config import load_config
 from llama3.train.metrics import flops_per_token
 from llama3.train.trainer import Trainer
@@ -35,15 +36,18 @@ MATMUL_SHAPES = [(2048, 2048, 2048), (4096, 4096, 4096), (2048, 576, 1536), (204
 
 
 def matmul_probe():
-    """One fp32 matmul of each shape; returns the best FLOP/s among them (the practical peak of this CPU)."""
-    operands = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in MATMUL_SHAPES]
+    """One fp32 matmul of each shape in each of torch's CPU matmul libraries (MKL through torch.mm, oneDNN);
+    returns the best FLOP/s among them (the practical peak of this CPU)."""
+    operands = [(torch.randn(m, k), torch.randn(n, k)) for m, k, n in MATMUL_SHAPES]  # b as (n, k): a @ b.T
+    matmuls = [lambda a, b: torch.mm(a, b.t()), onednn_linear]
 
     def probe() -> float:
         best = 0.0
         for a, b in operands:
-            start = time.perf_counter()
-            torch.mm(a, b)
-            best = max(best, 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - start))
+            for matmul in matmuls:
+                start = time.perf_counter()
+                matmul(a, b)
+                best = max(best, 2 * a.shape[0] * a.shape[1] * b.shape[0] / (time.perf_counter() - start))
         return best
 
     return probe
