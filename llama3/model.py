@@ -124,7 +124,8 @@ class Attention(nn.Module):
             if mask is not None:  # attend to earlier cached positions too (a prompt from an empty cache has none)
                 k, v = cached_k, cached_v  # (B, kv_len, n_kv_heads, head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first for attention
-        if x.device.type == "cpu" and T <= 8 and mask is not None and torch.compiler.is_compiling():
+        decoding = cache is not None and mask is not None and T <= 8
+        if decoding and x.device.type == "cpu" and torch.compiler.is_compiling():
             out = attention_by_reduction(q, k, v, mask)
         else:
             if x.device.type == "cpu":  # torch's bf16 attention kernel is ~9x slower than its fp32 one on CPU
