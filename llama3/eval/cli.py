@@ -70,7 +70,7 @@ def cli_eval(args: argparse.Namespace) -> dict[str, list[TaskResult]]:
     progress = _progress_factory(args.quiet)
     results: dict[str, list[TaskResult]] = {}
     for name in models:
-        llama = load(name, dtype=args.dtype, device=args.device)
+        llama = load(name, dtype=args.dtype, device=args.device, prepack=True)
         results[name] = []
         for spec in specs:
             result = evaluate(llama, spec, args.data_dir, options, progress)

@@ -30,7 +30,7 @@ class Llama3LM(TemplateLM):
         if isinstance(model, str):
             from llama3.llama import load
 
-            model = load(model, dtype=dtype, device=device)
+            model = load(model, dtype=dtype, device=device, prepack=True)
         self.llama = model
         self.tokenizer_ = model.tokenizer
         self.max_length = max_length or model.args.max_seq_len

@@ -47,7 +47,7 @@ def serve(*, model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 80
               file=sys.stderr)
     if threads is not None:
         torch.set_num_threads(threads)
-    llm = load(model, dtype=dtype)
+    llm = load(model, dtype=dtype, prepack=True)  # fp32 on CPU: oneDNN linears, as fast for 8 rows as for 1
     config = ServeConfig(api_key=api_key, max_batch=max_batch, max_context=max_context, max_queue=max_queue,
                          prefill_chunk=prefill_chunk, max_body_bytes=max_body_bytes, request_timeout=timeout)
     app = create_app(llm, config)
