@@ -100,7 +100,7 @@ def engine_alone(model: str, streams: list[int], max_tokens: int) -> dict[int, f
     its web side cost nothing."""
     import llama3
     from llama3.serve.engine import Engine, Request
-    llm = llama3.load(model)
+    llm = llama3.load(model, prepack=True)  # as `llama3 serve` loads it
     results = {}
     for n in [1, *streams]:  # the first round warms up
         engine = Engine(llm.model, llm.tokenizer, max_batch=max(streams), max_context=2048)
