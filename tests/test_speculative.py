@@ -67,3 +67,14 @@ def test_rejection_rule_keeps_the_target_distribution():
 def test_draft_must_share_the_vocabulary():
     with pytest.raises(ValueError, match="vocabulary"):
         SpeculativeDecoder(random_model(tiny_args()), random_model(tiny_args(vocab_size=256)))
+
+
+@pytest.mark.slow  # compiles both steps
+def test_compiled_steps_with_a_quantized_draft_give_plain_greedy_output():
+    # The compiled bf16 draft reads the fp32 target's shared cache through the compiled attention.
+    target = random_model(tiny_args())
+    decoder = SpeculativeDecoder(target, quantize_model(target, "int4"), k=3, compile=True)
+    assert decoder.shares_cache()
+    for prompt in ([1, 2, 3], [7] * 11):
+        assert list(decoder.generate(prompt, max_new_tokens=19)) == plain_greedy(target, prompt, 19)
+    assert decoder.accepted > 0
