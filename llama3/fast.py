@@ -24,6 +24,19 @@ from .model import Transformer
 _ROWS_HINT = 512  # oneDNN picks the blocked layout for this many rows; measured as fast for 1 row as any hint
 
 
+# A custom op, so that torch.compile calls it as it is (inductor cannot lower the oneDNN call with a packed weight as
+# a graph input) and so that training can give it a backward (below). The weight is plain or prepacked.
+@torch.library.custom_op("llama3::onednn_linear", mutates_args=())
+def onednn_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x (M, K) @ weight (N, K)^T -> (M, N), through oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x: Tensor, weight: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 def can_prepack(model: Transformer) -> bool:
     """fp32 models on a CPU whose torch build has oneDNN."""
     w = model.norm.weight
@@ -38,19 +51,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("weight", packed, persistent=False)  # not in state_dict: an opaque layout
 
     def forward(self, x: Tensor) -> Tensor:
-        return packed_linear(x.reshape(-1, self.in_features), self.weight).view(*x.shape[:-1], self.out_features)
-
-
-# An opaque op for torch.compile: inductor cannot lower the oneDNN call with the packed weight as a graph input,
-# but calls a custom op as it is.
-@torch.library.custom_op("llama3::packed_linear", mutates_args=())
-def packed_linear(x: Tensor, weight: Tensor) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-
-
-@packed_linear.register_fake
-def _(x: Tensor, weight: Tensor) -> Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
+        return onednn_linear(x.reshape(-1, self.in_features), self.weight).view(*x.shape[:-1], self.out_features)
 
 
 @torch.no_grad()
@@ -66,17 +67,6 @@ def prepack(model: Transformer) -> Transformer:
 
 
 # ---- training: oneDNN matmuls with autograd, parameters unchanged ----------------------------------------------
-
-@torch.library.custom_op("llama3::onednn_linear", mutates_args=())
-def onednn_linear(x: Tensor, weight: Tensor) -> Tensor:
-    """x (M, K) @ weight (N, K)^T -> (M, N), through oneDNN with the weight as it is."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-
-
-@onednn_linear.register_fake
-def _(x: Tensor, weight: Tensor) -> Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
-
 
 def _save_inputs(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs)
