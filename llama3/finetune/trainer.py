@@ -31,12 +31,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.checkpoint.stateful import Stateful
 
 from ..llama import Llama, load
-from ..train.checkpoint import Checkpointer, OptimizerState, broadcast_object, full_model_state_dict, is_rank0
-from ..train.config import ConfigError, Layout
+from ..train.checkpoint import Checkpointer, OptimizerState, full_model_state_dict, is_rank0
+from ..train.config import split_batch
 from ..train.data import document_mask
 from ..train.metrics import MetricsWriter, flops_per_token, matmul_params, measure_peak_flops, plot_losses, synchronize
 from ..train.parallelize import build_mesh, parallelize
-from ..train.trainer import build_optimizer, init_distributed, lr_multiplier, plain, resolve_dtype
+from ..train.trainer import (build_optimizer, create_run_dir, init_distributed, lr_multiplier, plain,
+                             resolve_dtype)
 from .config import FinetuneConfig
 from .data import IGNORE, Batches, as_row, collate, fixed_batches, load_preferences, load_sft, pack, split_validation
 from .dpo import dpo_loss, sequence_logps
@@ -129,26 +130,12 @@ class FinetuneResult:
                 "output": str(self.output) if self.output else None}
 
 
-def data_parallel_layout(cfg: FinetuneConfig, world_size: int) -> Layout:
-    p, t = cfg.parallel, cfg.training
-    dp_shard = p.dp_shard if p.dp_shard != -1 else world_size // p.dp_replicate
-    if dp_shard < 1 or p.dp_replicate * dp_shard != world_size:
-        raise ConfigError(f"parallel: dp_replicate {p.dp_replicate} x dp_shard {p.dp_shard} does not match the "
-                        f"{world_size} processes")
-    dp = p.dp_replicate * dp_shard
-    micro = t.micro_batch_size or t.batch_size // dp
-    if micro < 1 or t.batch_size % (micro * dp):
-        raise ConfigError(f"training.batch_size {t.batch_size} must be a multiple of micro_batch_size x dp "
-                        f"({micro} x {dp})")
-    return Layout(p.dp_replicate, dp_shard, 1, 1, micro, t.batch_size // (micro * dp))
-
-
 class Finetuner:
     def __init__(self, cfg: FinetuneConfig):
         self.cfg = cfg
         self.device, self.distributed = init_distributed(cfg.run.device)
         self.world_size = dist.get_world_size() if self.distributed else 1
-        self.layout = data_parallel_layout(cfg, self.world_size)
+        self.layout = split_batch(cfg.parallel, cfg.training, self.world_size)  # tp = pp = 1 (config)
         self.mesh = build_mesh(self.layout, self.device.type) if self.distributed else None
         self.dp_rank = dist.get_rank() if self.distributed else 0  # tp = pp = 1: every rank is a data rank
         self.dtype = self.resolve_dtype()
@@ -182,13 +169,7 @@ class Finetuner:
     def make_run_dir(self) -> Path:
         kind = "dpo" if self.cfg.dpo.enabled else "sft"
         name = self.cfg.run.dir or f"runs/finetune-{kind}-{self.cfg.method}-{datetime.now():%Y%m%d-%H%M%S}"
-        if self.distributed:
-            name = broadcast_object(name)
-        path = Path(name)
-        if is_rank0():
-            path.mkdir(parents=True, exist_ok=True)
-            (path / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-        return path
+        return create_run_dir(name, self.cfg.to_dict(), self.distributed)
 
     def load_model(self) -> Llama:
         """The base on the CPU, then adapters (LoRA), or 4-bit layers quantized one by one on the device (QLoRA),

@@ -307,8 +307,9 @@ class Layout:
         return self.dp_replicate * self.dp_shard
 
 
-def resolve_layout(cfg: TrainConfig, world_size: int) -> Layout:
-    p, t = cfg.parallel, cfg.training
+def split_batch(p: ParallelConfig, t: TrainingConfig, world_size: int) -> Layout:
+    """The data-parallel degree (what tp and pp leave of the processes) and the batch split it implies: micro
+    batch per rank and gradient accumulation steps."""
     fixed = p.dp_replicate * p.tp * p.pp
     dp_shard = p.dp_shard if p.dp_shard != -1 else world_size // fixed
     if dp_shard < 1 or fixed * dp_shard != world_size:
@@ -319,6 +320,13 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> Layout:
     if micro < 1 or t.batch_size % (micro * dp):
         raise ConfigError(f"training.batch_size {t.batch_size} must be a multiple of micro_batch_size x dp "
                           f"({micro} x {dp})")
+    return Layout(p.dp_replicate, dp_shard, p.tp, p.pp, micro, t.batch_size // (micro * dp))
+
+
+def resolve_layout(cfg: TrainConfig, world_size: int) -> Layout:
+    p = cfg.parallel
+    layout = split_batch(p, cfg.training, world_size)
+    micro = layout.micro_batch_size
     if p.pp > 1:
         n_micro = p.pp_microbatches or p.pp
         if n_micro < 1 or micro % n_micro:
@@ -339,4 +347,4 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> Layout:
         raise ConfigError(f"{stages} pipeline stages need at least as many layers; the model has {args.n_layers}")
     if p.pp > 1 and args.tie_embeddings:
         raise ConfigError("parallel.pp > 1 needs untied embeddings: the first and last stage would share a weight")
-    return Layout(p.dp_replicate, dp_shard, p.tp, p.pp, micro, t.batch_size // (micro * dp))
+    return layout

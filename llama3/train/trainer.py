@@ -109,12 +109,24 @@ def restart_scoped_store() -> tuple[dist.Store, int, int]:
     return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store), rank, world_size
 
 
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The training dtype: "auto" is bf16 on GPU and fp32 on CPU (bf16 matmuls are slower than fp32 there)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
+
+
+def create_run_dir(name: str, config: dict, distributed: bool) -> Path:
+    """The run directory, with config.json written by rank 0. The ranks may start a second apart, so a name made
+    from the time is rank 0's."""
+    if distributed:
+        name = broadcast_object(name)
+    path = Path(name)
+    if is_rank0():
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
@@ -191,13 +203,7 @@ class Trainer:
 
     def make_run_dir(self) -> Path:
         name = self.cfg.run.dir or f"runs/{self.cfg.model.preset}-{datetime.now():%Y%m%d-%H%M%S}"
-        if self.distributed:  # the ranks may start a second apart: use rank 0's name
-            name = broadcast_object(name)
-        path = Path(name)
-        if is_rank0():
-            path.mkdir(parents=True, exist_ok=True)
-            (path / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-        return path
+        return create_run_dir(name, self.cfg.to_dict(), self.distributed)
 
     def build_model(self) -> Transformer:
         """The whole model with its starting weights, on every rank: identical whatever the layout, since
