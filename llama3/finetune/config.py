@@ -19,7 +19,7 @@ from ..train.config import (
     RunConfig,
     TrainingConfig,
     apply_dict,
-    parse_value,
+    apply_overrides,
     read_config_file,
     set_key,
 )
@@ -98,11 +98,7 @@ def load_finetune_config(path: str | Path | None = None, overrides: list[str] | 
         for key, value in settings.items():
             if value is not None:
                 set_key(cfg, key, value, source="command line")
-        for item in overrides or []:
-            key, sep, text = item.partition("=")
-            if not sep or not key.strip():
-                raise ConfigError(f"override {item!r}: expected section.key=value")
-            set_key(cfg, key.strip(), parse_value(text.strip()), source="command line")
+        apply_overrides(cfg, overrides or [])
         return cfg
 
     cfg = build(build("lora").method)

@@ -147,16 +147,21 @@ class TrainConfig:
             raise ConfigError(f"model: {e}") from None
 
 
+def apply_overrides(cfg, overrides: list[str]) -> None:
+    """`section.key=value` items (values are TOML literals) applied in order to a config dataclass."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        set_key(cfg, key.strip(), parse_value(text.strip()), source="command line")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Defaults, then the file (TOML, JSON or YAML by extension), then `section.key=value` overrides in order."""
     cfg = TrainConfig()
     if path is not None:
         apply_dict(cfg, read_config_file(Path(path)), source=str(path))
-    for item in overrides or []:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r}: expected section.key=value")
-        set_key(cfg, key.strip(), parse_value(text.strip()), source="command line")
+    apply_overrides(cfg, overrides or [])
     validate(cfg)
     return cfg
 
