@@ -35,6 +35,19 @@ def default_gguf_path():
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_gguf_path):
+    """A random 2-layer model with the default model's tokenizer (49152 tokens) and ChatML template, in HF layout."""
+    from llama3.export import save_checkpoint
+    from llama3.tokenizer import BPETokenizer
+    tokenizer = BPETokenizer.from_gguf(default_gguf_path)
+    args = ModelArgs.preset("debug-tiny", vocab_size=49152, tie_embeddings=True, max_seq_len=512)
+    path = tmp_path_factory.mktemp("tiny")
+    save_checkpoint(path, args, random_model(args).state_dict(), tokenizer=tokenizer,
+                    chat_template=tokenizer.chat_template)
+    return path
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models decode faster on one thread, and much faster when other jobs share the cores."""

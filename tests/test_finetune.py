@@ -27,18 +27,6 @@ QUICK = ["training.batch_size=4", "training.log_every=100", "optim.warmup_steps=
          "data.seq_len=128"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, default_gguf_path):
-    """A random 2-layer model with the default model's tokenizer (49152 tokens) and ChatML template, in HF layout."""
-    from llama3.tokenizer import BPETokenizer
-    tokenizer = BPETokenizer.from_gguf(default_gguf_path)
-    args = ModelArgs.preset("debug-tiny", vocab_size=49152, tie_embeddings=True, max_seq_len=512)
-    path = tmp_path_factory.mktemp("tiny")
-    save_checkpoint(path, args, random_model(args).state_dict(), tokenizer=tokenizer,
-                    chat_template=tokenizer.chat_template)
-    return path
-
-
 def first_prompt_logits(llm, record_line=0):
     with open(SAMPLES["pirate"]) as f:
         messages = json.loads(f.readlines()[record_line])["messages"]

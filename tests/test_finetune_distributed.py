@@ -7,26 +7,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import random_model
 
-from llama3.args import ModelArgs
-from llama3.export import save_checkpoint
 from llama3.finetune import finetune
 
 QUICK = ["training.batch_size=4", "training.log_every=1", "optim.warmup_steps=2", "eval.every=2", "eval.steps=2",
          "data.val_fraction=0.03", "metrics.peak_tflops=1", "metrics.tensorboard=false", "metrics.plot=false",
          "data.seq_len=128", "training.steps=3", "optim.lr=1e-2", "lora.dropout=0"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, default_gguf_path):
-    from llama3.tokenizer import BPETokenizer
-    tokenizer = BPETokenizer.from_gguf(default_gguf_path)
-    args = ModelArgs.preset("debug-tiny", vocab_size=49152, tie_embeddings=True, max_seq_len=512)
-    path = tmp_path_factory.mktemp("tiny")
-    save_checkpoint(path, args, random_model(args).state_dict(), tokenizer=tokenizer,
-                    chat_template=tokenizer.chat_template)
-    return path
 
 
 def metrics(run_dir):
