@@ -51,33 +51,24 @@ def detect_format(path: str | Path) -> str:
                        f"config.json + *.safetensors, or one .gguf file)")
 
 
-def read_checkpoint(path: str | Path, quantize: str | None = None, group_size: int = 32) -> Checkpoint:
-    """Read any supported checkpoint. With `quantize` ("int8" or "int4") the state dict comes back in the portable
-    quantized form of llama3/quantize.py, converted tensor by tensor (GGUF 4-bit blocks are repacked, not
-    inflated to fp32 first)."""
+def read_checkpoint(path: str | Path, blocks: bool = False) -> Checkpoint:
+    """Read any supported checkpoint: ModelArgs, tensors in Meta's names, the tokenizer. GGUF block-quantized
+    tensors come back dequantized to fp32, or with `blocks` as `gguf.GGUFTensor` handles on their raw blocks (for
+    a quantizer to repack); llama3's quantized directories hold portable quantized tensors (metadata
+    "quantization" says which)."""
     fmt = detect_format(path)
     p = Path(path)
     if fmt == "gguf":
         from .gguf import read_gguf
-        return read_gguf(p if p.is_file() else sorted(p.glob("*.gguf"))[0], quantize, group_size)
+        return read_gguf(p if p.is_file() else sorted(p.glob("*.gguf"))[0], blocks)
     if fmt == "quantized":
         from .quantized import read_quantized
-        ckpt = read_quantized(p)
-        if quantize and quantize != ckpt.metadata["quantization"]["scheme"]:
-            raise WeightsError(f"{p} is already quantized as {ckpt.metadata['quantization']['scheme']}; "
-                               f"re-quantize from the original checkpoint instead")
-        return ckpt
+        return read_quantized(p)
     if fmt == "meta":
         from .meta import read_meta
-        ckpt = read_meta(p)
-    else:
-        from .hf import read_hf
-        ckpt = read_hf(p)
-    if quantize:
-        from ..quantize import quantize_state_dict
-        ckpt.state_dict = quantize_state_dict(ckpt.state_dict, quantize, group_size)
-        ckpt.metadata["quantization"] = {"scheme": quantize, "group_size": group_size}
-    return ckpt
+        return read_meta(p)
+    from .hf import read_hf
+    return read_hf(p)
 
 
 def read_tokenizer(path: Path):
