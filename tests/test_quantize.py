@@ -12,11 +12,10 @@ from llama3.quantize import (Int4Linear, Int8Embedding, Int8Linear, Quantization
 from llama3.weights import read_checkpoint
 from llama3.weights.gguf import dequantize
 
-from conftest import random_model, tiny_args
+from conftest import random_model, tiny_args, write_gguf
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-from test_weights import write_gguf
 
 
 def test_int8_rounds_each_weight_to_the_nearest_step():

@@ -511,20 +511,10 @@ def test_tiny_tokenizer_json(tmp_path, merge_form):
 
 
 @pytest.mark.slow
-def test_llama3_tokenizer_json(tok, meta, tmp_path):
+def test_llama3_tokenizer_json(tok, meta, tmp_path, llama3_hf_tokenizer):
     """A tokenizer.json like the one Hugging Face ships for meta-llama models, made by transformers' own converter
     from Meta's tokenizer.model: our BPE path gives Meta's ids."""
-    tokenizers = pytest.importorskip("tokenizers")
-    converter = pytest.importorskip("transformers.convert_slow_tokenizer")
-    ranks = load_tiktoken_ranks((importlib.resources.files("llama_models.llama3") / "tokenizer.model").read_bytes(), "")
-
-    class Converter(converter.TikTokenConverter):
-        load_tiktoken_bpe = staticmethod(lambda _: ranks)
-
-    hf = Converter(vocab_file="tokenizer.model", extra_special_tokens=LLAMA3_SPECIAL_TOKENS).converted()
-    hf.post_processor = tokenizers.processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 128000)]
-    )
+    hf = llama3_hf_tokenizer
     hf.save(str(tmp_path / "tokenizer.json"))
     config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))

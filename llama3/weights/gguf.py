@@ -180,8 +180,21 @@ class GGUFFile:
             values = np.frombuffer(self._map, dtype, count=n, offset=self._pos).tolist()
             self._pos += n * dtype.itemsize
             return values
+        if item_type == _STRING:  # vocabularies and merges: hundreds of thousands of strings, in one tight loop
+            return self._strings(n)
         return [self._value(item_type) for _ in range(n)]
 
+    def _strings(self, n: int) -> list[str]:
+        buf, pos, end, out = self._map, self._pos, len(self._map), []
+        length = struct.Struct("<Q").unpack_from
+        for _ in range(n):
+            (size,) = length(buf, pos)
+            pos += 8 + size
+            if pos > end:
+                raise ValueError("string runs past the end of the file")
+            out.append(buf[pos - size:pos].decode("utf-8", errors="replace"))
+        self._pos = pos
+        return out
 
 
 def field(reader: GGUFFile, key: str, default=None):
