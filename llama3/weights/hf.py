@@ -17,7 +17,7 @@ from safetensors.torch import safe_open, save_file
 from torch import Tensor
 
 from ..args import ModelArgs, RopeScaling
-from . import Checkpoint, WeightsError, read_tokenizer
+from .checkpoint import Checkpoint, WeightsError, read_tokenizer
 
 _LAYER_NAMES = {  # Meta name inside layers.N -> HF name inside model.layers.N
     "attention.wq.weight": "self_attn.q_proj.weight",

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..args import ModelArgs, RopeScaling
-from . import Checkpoint, WeightsError, read_tokenizer
+from .checkpoint import Checkpoint, WeightsError, read_tokenizer
 
 # Model-parallel shards split these along dim 0 (column-parallel) or the last dim (row-parallel); the rest
 # (the norms) are replicated on every rank.
