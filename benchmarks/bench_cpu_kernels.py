@@ -6,7 +6,7 @@
 For each weight shape of a model (the default model, Llama 3.2 1B, Llama 3 8B) it times y = x @ W.T for x of M
 rows with every candidate kernel and prints microseconds and the ratio to fp32 (MKL). Weights are cycled through
 enough copies to exceed the L3 cache, so decode numbers are DRAM-bound as they are in a real decode step. The
-candidates are the ones llama3/quantize.py can choose from (KERNELS there) plus plain references.
+candidates are torch's kernels and our modules (llama3/quantize.py), which pick among them by instruction set.
 """
 
 from __future__ import annotations
@@ -39,26 +39,23 @@ def shapes(model: str) -> dict[str, tuple[int, int]]:
 
 
 def candidates(w: torch.Tensor, m: int) -> dict[str, tuple]:
-    """name -> (function, args): every way we can compute x @ w.T for this weight."""
-    n, k = w.shape
+    """name -> (function, args): ways to compute x @ w.T for this weight, x fp32 (M, in). The `llama3 int8/int4`
+    rows are our modules with fp32 activations: what an AVX2 machine runs (the kernel in bf16 for few rows,
+    fp32 matmuls on dequantized tiles for many); on AVX-512 our models run the bf16 kernels rows directly."""
     w8, s8 = q.quantize_int8(w)
     packed, scales, zeros = q.quantize_int4(w, 32)
-    i4 = q.Int4Linear(packed, scales, zeros, 32)
-    x32 = torch.randn(m, k)
+    int8, int4 = q.Int8Linear(w8, s8.float()), q.Int4Linear(packed, scales, zeros, 32)
+    x32 = torch.randn(m, w.shape[1])
     xbf = x32.bfloat16()
-    out = {
+    return {
         "fp32 mkl": (torch.nn.functional.linear, (x32, w)),
         "fp32 onednn prepacked": (onednn_linear, (x32, torch.ops.mkldnn._reorder_linear_weight(w, 512))),
-        "int8 _weight_int8pack_mm bf16": (torch.ops.aten._weight_int8pack_mm, (xbf, w8, s8)),
-        "int8 _weight_int8pack_mm fp32": (torch.ops.aten._weight_int8pack_mm, (x32, w8, s8.float())),
-        "int4 _weight_int4pack_mm bf16": (torch.ops.aten._weight_int4pack_mm_for_cpu,
-                                          (xbf, i4.weight, 32, i4.scales_and_zeros)),
+        "int8 kernel bf16": (torch.ops.aten._weight_int8pack_mm, (xbf, w8, s8)),
+        "int8 kernel fp32": (torch.ops.aten._weight_int8pack_mm, (x32, w8, s8.float())),
+        "int4 kernel bf16": (torch.ops.aten._weight_int4pack_mm_for_cpu, (xbf, int4.weight, 32, int4.scales_and_zeros)),
+        "llama3 int8": (int8, (x32,)),
+        "llama3 int4": (int4, (x32,)),
     }
-    for name, kernel in q.KERNELS.items():
-        if kernel.rows_ok(m):
-            weights = kernel.prepare(w8, s8) if kernel.bits == 8 else kernel.prepare(packed, scales, zeros)
-            out[name] = (kernel.run, (x32, *weights))
-    return out
 
 
 def time_call(fn, copies: list[tuple], repeats: int) -> float:
@@ -85,19 +82,14 @@ def main() -> None:
     torch.manual_seed(0)
     for model in args.models.split(","):
         for m in map(int, args.rows.split(",")):
-            print(f"\n{model}, M = {m}: microseconds per call (ratio to fp32 mkl)")
+            print(f"\n{model}, M = {m}: microseconds per call (speed-up over fp32 mkl)")
             for label, (n, k) in shapes(model).items():
-                w = torch.randn(n, k) / k ** 0.5
-                base = candidates(w, m)
-                # a few copies for the bandwidth-bound decode; prefill is compute-bound, one copy is enough
-                n_copies = max(1, min(8, CACHE_BYTES // (n * k))) if m == 1 else 1
-                copies = {name: [args_] + [candidates(w, m)[name][1] for _ in range(n_copies - 1)]
-                          for name, (_, args_) in base.items()} if n_copies > 1 else \
-                    {name: [args_] for name, (_, args_) in base.items()}
-                ref = None
-                cells = []
-                for name, (fn, _) in base.items():
-                    t = time_call(fn, copies[name], args.repeats if m == 1 else max(2, args.repeats // 2))
+                # decode reads its weights from DRAM: enough copies to exceed the cache (prefill: one is enough)
+                n_copies = max(1, min(8, CACHE_BYTES // (n * k))) if m <= q.DEQUANTIZE_ABOVE_ROWS else 1
+                sets = [candidates(torch.randn(n, k) / k ** 0.5, m) for _ in range(n_copies)]
+                cells, ref = [], None
+                for name, (fn, _) in sets[0].items():
+                    t = time_call(fn, [s[name][1] for s in sets], args.repeats)
                     ref = ref or t
                     cells.append(f"{name} {t * 1e6:.0f} ({ref / t:.2f}x)")
                 print(f"  {label} {n}x{k}: " + "; ".join(cells), flush=True)
