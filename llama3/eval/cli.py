@@ -29,6 +29,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation length (default: 256 GSM-8K, 512 MATH and code)")
     p.add_argument("--window", type=int, default=1024, help="perplexity: context window in tokens")
     p.add_argument("--timeout", type=float, default=10.0, help="code tasks: seconds per program")
+    p.add_argument("--allow-unisolated-code", action="store_true",
+                   help="code tasks on a machine that cannot create namespaces: run model-written code without them, "
+                   "where it can read every file you can (default: refuse)")
     p.add_argument("--output", type=Path, default=None, help="write results as JSON here")
     p.add_argument("--log-samples", action="store_true", help="include every item's prediction in the JSON")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart comparing the models here")
@@ -66,7 +69,8 @@ def cli_eval(args: argparse.Namespace) -> dict[str, list[TaskResult]]:
     models = [m.strip() for m in (args.model or DEFAULT_MODEL).split(",") if m.strip()]
     options = EvalOptions(shots=args.shots, limit=args.limit, chat=args.chat, batch_size=args.batch_size,
                           samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                          window=args.window, sandbox=SandboxLimits(timeout_s=args.timeout, cpu_seconds=int(args.timeout)))
+                          window=args.window, sandbox=SandboxLimits(timeout_s=args.timeout, cpu_seconds=int(args.timeout),
+                                                isolate=not args.allow_unisolated_code))
     progress = _progress_factory(args.quiet)
     results: dict[str, list[TaskResult]] = {}
     for name in models:

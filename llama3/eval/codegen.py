@@ -61,6 +61,7 @@ def program(task: str, item: CodeItem, completion: str, chat: bool) -> str:
 def evaluate_code(model, task: str, items: list[CodeItem], pool: list[CodeItem], shots: int, chat: bool,
                   batch_size: int, samples: int = 1, temperature: float | None = None, max_new_tokens: int = 512,
                   limits: SandboxLimits = SandboxLimits(), seed: int = 1234, progress=None) -> TaskResult:
+    run_programs(["pass"], limits)  # SandboxUnavailable now, not after generating every completion
     examples = pool[:shots]
     temperature = (0.0 if samples == 1 else 0.8) if temperature is None else temperature
     if samples > 1 and temperature == 0:
