@@ -14,23 +14,38 @@ Only this module imports lm_eval; the rest of the package never imports this mod
 
 from __future__ import annotations
 
+import logging
 import sys
 
+import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from llama3.eval.scoring import Request, Scorer, rolling_requests, uses_bos
 
+log = logging.getLogger("llama3.eval")
+
+
+def available_device(device: str | None) -> str:
+    """The device asked for, except that CUDA on a machine without it means the CPU: lm-eval's command line asks
+    for cuda:0 unless told otherwise, and its users on CPU-only machines mean "the device I have"."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        log.warning("%s asked for, but this machine has no CUDA device: computing on the CPU", device)
+        return "cpu"
+    return str(device)
+
 
 @register_model("llama3")
 class Llama3LM(TemplateLM):
     def __init__(self, model="smollm2-135m-instruct", batch_size: int | str = 8, dtype: str | None = None,
-                 device: str = "cpu", max_length: int | None = None, **_ignored):
+                 device: str | None = None, max_length: int | None = None, **_ignored):
         super().__init__()
         if isinstance(model, str):
             from llama3.llama import load
 
-            model = load(model, dtype=dtype, device=device, prepack=True)
+            model = load(model, dtype=dtype, device=available_device(device), prepack=True)
         self.llama = model
         self.tokenizer_ = model.tokenizer
         self.max_length = max_length or model.args.max_seq_len
