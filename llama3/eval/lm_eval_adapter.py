@@ -21,6 +21,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from llama3.eval import generative
 from llama3.eval.scoring import Request, Scorer, rolling_requests, uses_bos
 
 log = logging.getLogger("llama3.eval")
@@ -92,18 +93,26 @@ class Llama3LM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        out = []
-        for request in requests:
+        """All requests through the serving engine at once, one engine run per distinct set of generation
+        options (a task has one)."""
+        groups: dict[tuple, list[int]] = {}
+        prompts = []
+        for i, request in enumerate(requests):
             context, gen_kwargs = request.args
             gen_kwargs = dict(gen_kwargs or {})
             until = gen_kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
+            until = (until,) if isinstance(until, str) else tuple(until)
             max_new = int(gen_kwargs.pop("max_gen_toks", 256))
             temperature = float(gen_kwargs.pop("temperature", 0.0)) if gen_kwargs.pop("do_sample", False) else 0.0
-            ids = self.tok_encode(context)[-(self.max_length - max_new):]
-            (text,) = self.llama.complete_ids([ids], max_new_tokens=max_new, stop=until, temperature=temperature)
-            self.cache_hook.add_partial("generate_until", (context, request.args[1]), text)
-            out.append(text)
+            prompts.append(self.tok_encode(context)[-(self.max_length - max_new):])
+            groups.setdefault((until, max_new, temperature), []).append(i)
+        out = [""] * len(requests)
+        for (until, max_new, temperature), members in groups.items():
+            texts = generative.complete(self.llama, [prompts[i] for i in members], max_new_tokens=max_new, stop=until,
+                                        temperature=temperature, max_batch=self.batch_size)
+            for i, text in zip(members, texts):
+                out[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return out
 
 
