@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import pytest
 from PIL import Image
@@ -245,3 +246,25 @@ def test_default_model_on_the_samples(default_gguf_path):
     assert text.metrics["bits_per_byte"] < 1.2  # 0.88 measured; a random model is near 17
     easy = evaluate(llama, "arc_easy")
     assert easy.metrics["acc"] >= 0.5  # 0.75 measured on the four sample questions
+
+
+def test_results_json_is_strict_and_quiet_still_reports_each_task(llama, tmp_path, monkeypatch, capsys):
+    # through the `llama3` front end, whose parser carries the verb's function among the options
+    from llama3.cli import main as llama3_main
+
+    monkeypatch.setattr("llama3.llama.load", lambda name, **_: llama)
+    out = tmp_path / "results.json"
+    assert llama3_main(["eval", "--model", "tiny", "--tasks", "boolq,gsm8k", "--limit", "1", "--shots", "0",
+                        "--max-new-tokens", "2", "--output", str(out), "--quiet"]) == 0
+    text = out.read_text()
+    assert "<function" not in text and " at 0x" not in text
+
+    def no_nan(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    data = json.loads(text, parse_constant=no_nan)
+    assert data["config"]["tasks"] == "boolq,gsm8k" and data["config"]["output"] == str(out)
+    assert data["results"]["tiny"]["boolq"]["metrics"]["acc_stderr"] is None  # one item: no standard error
+    err = capsys.readouterr().err
+    assert re.search(r"tiny boolq: acc=\d\.\d+, acc_norm=\d\.\d+ \(\d+\.\ds\)", err)
+    assert re.search(r"tiny gsm8k: exact_match=\d\.\d+ \(\d+\.\ds\)", err)

@@ -37,7 +37,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart comparing the models here")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (each task's result and time still go to stderr)")
     p.set_defaults(func=cli_eval)
     return p
 
@@ -79,13 +79,13 @@ def cli_eval(args: argparse.Namespace) -> dict[str, list[TaskResult]]:
         for spec in specs:
             result = evaluate(llama, spec, args.data_dir, options, progress)
             results[name].append(result)
-            if not args.quiet:
-                print(f"{name} {result.task}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()
-                                                             if not k.endswith("_stderr")) + f" ({result.seconds:.1f}s)",
-                      file=sys.stderr)
+            print(f"{name} {result.task}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()
+                                                         if not k.endswith("_stderr")) + f" ({result.seconds:.1f}s)",
+                  file=sys.stderr)
     print(format_table(results))
     if args.output:
-        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+        # the options as given; argparse also carries the verb's function (func, _run), which is no option
+        config = {k: v for k, v in vars(args).items() if not callable(v)}
         args.output.write_text(to_json(results, config, include_samples=args.log_samples))
     if args.plot:
         plot_comparison(results, args.plot)
