@@ -75,3 +75,37 @@ def test_documented_command(command, workdir, tiny_model_dir):
 def test_documented_python(code, workdir, tiny_model_dir):
     code = code.replace(NAMED_MODEL, str(tiny_model_dir)).replace("simple_evaluate(", "simple_evaluate(limit=2, ")
     _run([sys.executable, "-c", code + "\nprint(sorted(out['results']))"], workdir)
+
+
+LAYOUT = next(text for lang, text in BLOCKS if not lang and text.startswith("DIR/"))
+
+
+def _expand(pattern: str) -> list[str]:
+    """'a/{b,c}/<x>.json' -> ['a/b/*.json', 'a/c/*.json']"""
+    pattern = re.sub(r"<[^>]+>", "*", pattern)
+    match = re.search(r"\{([^}]*)\}", pattern)
+    if not match:
+        return [pattern]
+    return [p for option in match.group(1).split(",")
+            for p in _expand(pattern[:match.start()] + option + pattern[match.end():])]
+
+
+def test_the_documented_folder_layout_is_what_the_readers_read(tmp_path):
+    from llama3.eval.tasks import TASKS, task_root
+
+    lines = LAYOUT.split()
+    folders = {line.split("/")[1] for line in lines}
+    assert folders == {t.folder for t in TASKS.values()}
+    for line in lines:  # every documented path is there in the samples, which are read as a --data-dir
+        for pattern in _expand(line.removeprefix("DIR/")):
+            assert list(SAMPLES_DIR.glob(pattern)), pattern
+    for task in TASKS.values():
+        if task.name not in ("gpqa_diamond", "gpqa_extended"):
+            assert task.reader(task_root(task, SAMPLES_DIR), "eval")
+    # any depth below the dataset's folder, as a release unpacks
+    nested = tmp_path / "gsm8k" / "grade_school_math" / "data"
+    nested.mkdir(parents=True)
+    for name in ("train.jsonl", "test.jsonl"):
+        (nested / name).write_text((SAMPLES_DIR / "gsm8k" / name).read_text())
+    gsm8k = TASKS["gsm8k"]
+    assert len(gsm8k.reader(task_root(gsm8k, tmp_path), "eval")) == len(gsm8k.reader(SAMPLES_DIR / "gsm8k", "eval"))
