@@ -252,10 +252,12 @@ def test_results_json_is_strict_and_quiet_still_reports_each_task(llama, tmp_pat
     # through the `llama3` front end, whose parser carries the verb's function among the options
     from llama3.cli import main as llama3_main
 
-    monkeypatch.setattr("llama3.llama.load", lambda name, **_: llama)
+    loaded = {}
+    monkeypatch.setattr("llama3.llama.load", lambda name, **kw: loaded.update(kw) or llama)
     out = tmp_path / "results.json"
     assert llama3_main(["eval", "--model", "tiny", "--tasks", "boolq,gsm8k", "--limit", "1", "--shots", "0",
-                        "--max-new-tokens", "2", "--output", str(out), "--quiet"]) == 0
+                        "--max-new-tokens", "2", "--output", str(out), "--quiet", "--quantize", "int8"]) == 0
+    assert loaded["quantize"] == "int8"
     text = out.read_text()
     assert "<function" not in text and " at 0x" not in text
 

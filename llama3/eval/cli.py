@@ -36,6 +36,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--log-samples", action="store_true", help="include every item's prediction in the JSON")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart comparing the models here")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="weight-only quantization while loading (the model then computes in bf16)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars (each task's result and time still go to stderr)")
     p.set_defaults(func=cli_eval)
@@ -74,7 +76,7 @@ def cli_eval(args: argparse.Namespace) -> dict[str, list[TaskResult]]:
     progress = _progress_factory(args.quiet)
     results: dict[str, list[TaskResult]] = {}
     for name in models:
-        llama = load(name, dtype=args.dtype, device=args.device, prepack=True)
+        llama = load(name, dtype=args.dtype, device=args.device, quantize=args.quantize, prepack=True)
         results[name] = []
         for spec in specs:
             result = evaluate(llama, spec, args.data_dir, options, progress)
