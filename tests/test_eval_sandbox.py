@@ -364,3 +364,20 @@ def test_pass_at_k_matches_the_combinatorial_formula():
     assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
     with pytest.raises(ValueError):
         pass_at_k(3, 1, 5)
+
+
+def test_the_work_folder_is_bounded_and_off_the_evaluators_disk():
+    source = """
+written = 0
+try:
+    for i in range(40):
+        with open(f'fill{i}', 'wb') as f:
+            f.write(b'x' * (8 << 20))
+        written += 8
+except OSError as e:
+    print(written, e.strerror)
+"""
+    result = run_program(source, replace(KERNEL_ONLY, disk_bytes=32 << 20, timeout_s=10))
+    assert result.passed, result.stderr
+    written, reason = result.stdout.split(maxsplit=1)
+    assert int(written) < 32 and "No space left" in reason

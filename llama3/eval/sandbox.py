@@ -38,6 +38,7 @@ class SandboxLimits:
     cpu_seconds: int = 10
     memory_bytes: int = 1 << 30  # address space
     file_bytes: int = 16 << 20  # largest file (stdout/stderr included)
+    disk_bytes: int = 64 << 20  # the isolated work folder's size (a tmpfs)
     processes: int = 16  # RLIMIT_NPROC (an isolated program never runs as root, whom the kernel exempts)
     # False runs the program without namespaces, where it can read every file the evaluator can: only for
     # machines that cannot create them, and only when the user asks
@@ -98,14 +99,7 @@ def run_program(source: str, limits: SandboxLimits = SandboxLimits()) -> Sandbox
         program = workdir / "program.py"
         program.write_text(source)
         read_only, hidden = python_files() if limits.isolate else ((), ())
-        # root runs each program as a user id of its own (see sandbox_child.isolate), which owns its folder
-        uid = 2_000_000_000 + secrets.randbelow(100_000_000)
-        if limits.isolate and os.geteuid() == 0:
-            try:
-                for path in (workdir, program):
-                    os.chown(path, uid, uid)
-            except OSError as e:  # root of a user namespace that maps few user ids (a rootless container)
-                raise SandboxUnavailable(_UNAVAILABLE.format(f"no user id of its own for the program: {e}")) from e
+        uid = 2_000_000_000 + secrets.randbelow(100_000_000)  # root runs each program as a user id of its own
         child_limits = {
             "cpu_seconds": max(1, math.ceil(limits.cpu_seconds)),
             "memory_bytes": limits.memory_bytes,
@@ -115,6 +109,7 @@ def run_program(source: str, limits: SandboxLimits = SandboxLimits()) -> Sandbox
             "landlock": limits.landlock,
             "audit_hook": limits.audit_hook,
             "uid": uid,
+            "disk_bytes": limits.disk_bytes,
             "read_only": read_only,
             "hidden": hidden,
         }

@@ -3,7 +3,7 @@
 Started as `python -I sandbox_child.py PROGRAM WORKDIR ROOTDIR STATUSFILE LIMITS_JSON` (by path, so it imports
 nothing from the package). The layers, outermost first; the first three are the kernel's and hold on their own:
   1. namespaces: fresh mount, PID, network, IPC, UTS and cgroup namespaces. The program sees a new root holding
-     only its work folder (at /sandbox, writable) and, read-only, the Python standard library and the shared
+     only its work folder (at /sandbox: a fresh tmpfs of bounded size holding the program) and, read-only, the Python standard library and the shared
      libraries Python loads; a fresh /proc showing only its own processes; no network device. The evaluator's
      files, environment and processes do not exist for it. Root drops to a user id of its own for each run (so
      the process limit binds, and nothing it can see is writable); other users run in a user namespace with
@@ -71,7 +71,8 @@ def isolate(root: str, workdir: str, limits: dict) -> None:
         os._exit(os.waitstatus_to_exitcode(status) % 256 if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
     # the namespace dies with whoever waits for it outside (which shares the process group the evaluator kills)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    _build_root(libc, root, workdir, limits["read_only"], limits["hidden"])
+    owner = f",uid={limits['uid']},gid={limits['uid']}" if as_root else ""
+    _build_root(libc, root, workdir, limits, owner)
     os.chdir(root)
     _check(libc.syscall(_PIVOT_ROOT[os.uname().machine], b".", b"."), "pivot_root")
     _check(libc.umount2(b".", MNT_DETACH), "detach the old root")  # the old root is gone, not just out of view
@@ -89,9 +90,20 @@ def isolate(root: str, workdir: str, limits: dict) -> None:
     os.chdir(SANDBOX)
 
 
-def _build_root(libc, root: str, workdir: str, read_only: list[str], hidden: list[str]) -> None:
+def _build_root(libc, root: str, workdir: str, limits: dict, owner: str) -> None:
     _check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")  # nothing leaks out
     _check(libc.mount(b"tmpfs", root.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1m,mode=0755"), "mount tmpfs")
+    # the work folder is a fresh tmpfs of bounded size, owned by the program's user: what it writes never reaches
+    # the evaluator's disk, and cannot fill it
+    os.mkdir(root + SANDBOX)
+    _check(libc.mount(b"tmpfs", (root + SANDBOX).encode(), b"tmpfs", MS_NOSUID | MS_NODEV,
+                      f"size={limits['disk_bytes']},nr_inodes=4096,mode=0700{owner}".encode()), "mount the work folder")
+    for name in os.listdir(workdir):
+        with open(os.path.join(workdir, name), "rb") as src, open(os.path.join(root + SANDBOX, name), "wb") as dst:
+            dst.write(src.read())
+        if owner:
+            os.chown(os.path.join(root + SANDBOX, name), limits["uid"], limits["uid"])
+    read_only, hidden = limits["read_only"], limits["hidden"]
     for path in read_only:
         _bind(libc, root, path, MS_RDONLY | MS_NOSUID | MS_NODEV)
     for path in hidden:  # e.g. site-packages inside the standard library's folder: an empty, read-only folder
@@ -100,19 +112,17 @@ def _build_root(libc, root: str, workdir: str, read_only: list[str], hidden: lis
                               b"size=4k,mode=0755"), f"hide {path}")
     for device in filter(os.path.exists, _DEVICES):
         _bind(libc, root, device, MS_NOSUID | MS_NOEXEC)
-    _bind(libc, root, workdir, MS_NOSUID | MS_NODEV, at=SANDBOX)
     os.mkdir(root + "/proc")
     # a fresh /proc lists only this namespace's processes; where the kernel refuses one (a user namespace
     # inside a container), there is no /proc at all
     libc.mount(b"proc", (root + "/proc").encode(), b"proc", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
 
 
-def _bind(libc, root: str, source: str, flags: int, at: str | None = None) -> None:
-    """Bind-mount source at root + at (default: the same path, reached through the same symbolic links), then
-    remount it with flags (a bind ignores them the first time)."""
-    if at is None:
-        source = at = _replicate_links(root, source)
-    target = root + at
+def _bind(libc, root: str, source: str, flags: int) -> None:
+    """Bind-mount source at the same path below root, reached through the same symbolic links, then remount it
+    with flags (a bind ignores them the first time)."""
+    source = _replicate_links(root, source)
+    target = root + source
     if os.path.isdir(source):
         os.makedirs(target, exist_ok=True)
     else:
