@@ -194,9 +194,12 @@ def test_engine_completions_equal_greedy_generation(llama):
     from llama3.eval.generative import complete
 
     prompts = [llama.encode_prompt(p) for p in ["Question: 1+1?\nAnswer:", "x", "The end of the pier", "ab" * 20, "q"]]
-    for stop in ((), ("e", "\n")):
-        expected = [llama.complete_ids([p], max_new_tokens=12, stop=list(stop))[0] for p in prompts]
-        assert complete(llama, prompts, max_new_tokens=12, stop=stop, max_batch=2) == expected
+    plain = [llama.complete_ids([p], max_new_tokens=12)[0] for p in prompts]
+    stop = tuple(text[2:4] for text in plain if len(text) > 4)  # strings these completions do write
+    stopped = [llama.complete_ids([p], max_new_tokens=12, stop=list(stop))[0] for p in prompts]
+    assert stopped != plain
+    assert complete(llama, prompts, max_new_tokens=12, max_batch=2) == plain
+    assert complete(llama, prompts, max_new_tokens=12, stop=stop, max_batch=2) == stopped
 
 
 def test_perplexity_matches_one_pass_over_a_short_file(llama, tmp_path):
