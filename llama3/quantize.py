@@ -15,7 +15,8 @@ devices dequantize on the fly (exact, and fused by torch.compile).
 The portable form (what `quantize_state_dict` returns and `llama3 quantize` writes) is device-independent:
   int8 linear/embedding  NAME.weight int8 (out, in), NAME.scales bf16 (out,)
   int4 linear            NAME.weight uint8 (out, in/2): element 2i in the low nibble, 2i+1 in the high one;
-                         NAME.scales, NAME.zeros bf16 (out, in/group_size)
+                         NAME.scales, NAME.zeros (out, in/group_size): bf16 when quantized here, fp32 when
+                         repacked from GGUF 4-bit blocks (the file's values, rounded once only by the kernel's dtype)
   norms                  bf16
 Kernel-specific packing happens when a model is built for a device.
 """
@@ -29,8 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import gguf.quants
+
 from .args import ModelArgs
-from .model import Transformer
+from .model import Transformer, meta_model
+from .weights import Checkpoint
+from .weights.gguf import GGUFTensor, dequantize
 
 SCHEMES = ("int8", "int4")
 COMPUTE_DTYPE = torch.bfloat16  # torch's CPU int8/int4 kernels are 10-40x slower with fp32 activations
@@ -180,8 +185,10 @@ def is_layer_linear(name: str) -> bool:
                                                          "w1.weight", "w2.weight", "w3.weight"))
 
 
-def quantize_tensor(name: str, w: Tensor, scheme: str, group_size: int) -> dict[str, Tensor]:
-    """One float tensor of a Meta-named state dict -> its portable quantized tensors."""
+def quantize_tensor(name: str, w: Tensor | GGUFTensor, scheme: str, group_size: int) -> dict[str, Tensor]:
+    """One tensor of a Meta-named state dict (floats, or a GGUF file's blocks) -> its portable quantized tensors."""
+    if isinstance(w, GGUFTensor):
+        return _quantize_gguf_tensor(name, w, scheme, group_size)
     base = name.removesuffix(".weight")
     if w.ndim == 1:  # norms
         return {name: w.to(COMPUTE_DTYPE)}
@@ -197,9 +204,11 @@ def check_scheme(scheme: str) -> None:
         raise QuantizationError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
 
 
-def quantize_state_dict(state_dict: dict[str, Tensor], scheme: str, group_size: int = 32) -> dict[str, Tensor]:
-    """Quantize a float state dict tensor by tensor, dropping each float tensor as soon as it is converted (the
-    dict is consumed), so peak memory stays near the float weights plus one quantized copy."""
+def quantize_state_dict(state_dict: dict[str, Tensor | GGUFTensor], scheme: str,
+                        group_size: int = 32) -> dict[str, Tensor]:
+    """Quantize a state dict tensor by tensor, dropping each input as soon as it is converted (the dict is
+    consumed), so peak memory stays near the inputs plus one quantized copy. GGUF blocks (`GGUFTensor`) are read
+    one at a time: 4-bit blocks are repacked as they are, the rest goes through fp32 a slice of rows at a time."""
     check_scheme(scheme)
     out = {}
     for name in list(state_dict):
@@ -207,52 +216,69 @@ def quantize_state_dict(state_dict: dict[str, Tensor], scheme: str, group_size: 
     return out
 
 
-def quantize_gguf(reader, scheme: str, group_size: int = 32) -> Iterator[tuple[str, dict[str, Tensor]]]:
-    """(meta name, portable tensors) for each tensor of a GGUF file, read one at a time.
-
-    Q4_0/Q4_1 blocks are 32 weights with a scale and a min: under int4 with group_size 32 they are repacked as they
-    are (bit-exact up to the bf16 scales). Everything else goes through fp32 a slice of rows at a time."""
-    from .weights.gguf import BLOCK_BYTES, meta_name, read_tensor
-    check_scheme(scheme)
-    for t in reader.tensors.values():
-        name = meta_name(t.name)
-        if name is None:  # rope_freqs and unknown tensors are the checkpoint reader's business
-            continue
-        if t.kind in ("Q4_0", "Q4_1") and scheme == "int4" and group_size == 32 and is_layer_linear(name):
-            yield name, repack_q4(reader.read(t), t.kind, t.shape, name)
-        elif t.kind in BLOCK_BYTES and len(t.shape) == 2:
-            yield name, _quantize_blocks(reader.read(t).reshape(t.shape[0], -1), t.kind, name, scheme, group_size)
-        else:
-            yield name, quantize_tensor(name, read_tensor(reader, t).float(), scheme, group_size)
+def quantize_checkpoint(ckpt: Checkpoint, scheme: str, group_size: int = 32) -> Checkpoint:
+    """A checkpoint read with `read_checkpoint(path, blocks=True)` -> the same with portable quantized tensors."""
+    done = ckpt.metadata.get("quantization")
+    if done:
+        if done["scheme"] != scheme:
+            raise QuantizationError(f"the checkpoint is already quantized as {done['scheme']}; re-quantize from "
+                                    f"the original checkpoint instead")
+        return ckpt
+    ckpt.state_dict = quantize_state_dict(ckpt.state_dict, scheme, group_size)
+    ckpt.metadata["quantization"] = {"scheme": scheme, "group_size": group_size}
+    return ckpt
 
 
-def _quantize_blocks(raw: Tensor, kind: str, name: str, scheme: str, group_size: int) -> dict[str, Tensor]:
-    """GGUF blocks (rows, row_bytes) -> portable tensors through fp32 a slice of rows at a time, so the fp32 copy of
-    a big matrix (the embedding) never exists whole."""
-    from .weights.gguf import dequantize
-    parts = []
+# Blocks that are exactly int4 with one scale and one zero per 32 weights (w = (q - 8) * scale + zero).
+_INT4_BLOCKS = ("Q4_0", "Q4_1", "Q4_K")
+# Types that llama.cpp's K-quant mixes choose to keep above 4 bits (output, about half of attn_v / ffn_down): the
+# int4 scheme keeps them at int8 per channel instead of rounding them to a coarser grid than the file's
+# (benchmarks/bench_gguf_types.py: error and speed of each representation).
+_ABOVE_4_BITS = ("Q5_0", "Q5_1", "Q5_K", "Q6_K")
+
+
+def _quantize_gguf_tensor(name: str, t: GGUFTensor, scheme: str, group_size: int) -> dict[str, Tensor]:
+    raw = t.raw()  # (rows, bytes per row)
+    if t.kind in _INT4_BLOCKS and scheme == "int4" and group_size == 32 and is_layer_linear(name):
+        q, scales, zeros = int4_of_gguf_blocks(raw, t.kind)
+        base = name.removesuffix(".weight")
+        return {name: pack_nibbles(q), f"{base}.scales": scales, f"{base}.zeros": zeros}
+    if t.kind in _ABOVE_4_BITS and scheme == "int4":
+        scheme = "int8"
+    parts = []  # through fp32 a slice of rows at a time, so the fp32 copy of the embedding never exists whole
     for r in range(0, raw.shape[0], _ROWS_PER_CHUNK):
         rows = raw[r:r + _ROWS_PER_CHUNK]
-        parts.append(quantize_tensor(name, dequantize(rows, kind, rows.shape[0]), scheme, group_size))
+        w = dequantize(rows, t.kind, rows.shape[0]).reshape(-1, *t.shape[1:])
+        parts.append(quantize_tensor(name, w, scheme, group_size))
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def repack_q4(raw: Tensor, kind: str, shape: tuple[int, int], name: str) -> dict[str, Tensor]:
-    """GGUF Q4_0 / Q4_1 blocks -> portable int4 (group 32). A block holds an fp16 scale d (and for Q4_1 an fp16
-    min m) and 16 bytes whose low nibbles are weights 0..15 and high nibbles 16..31: w = d * q + m (Q4_1) or
-    d * (q - 8) (Q4_0), so scale = d and zero = m + 8d (Q4_1) or 0 (Q4_0)."""
-    from .weights.gguf import BLOCK_BYTES
-    rows = shape[0]
-    b = raw.reshape(rows, -1, BLOCK_BYTES[kind])  # (rows, n_blocks, block_bytes)
+def int4_of_gguf_blocks(raw: Tensor, kind: str) -> tuple[Tensor, Tensor, Tensor]:
+    """GGUF Q4_0 / Q4_1 / Q4_K rows (rows, bytes per row) -> q (rows, cols) in 0..15 and fp32 scales and zeros
+    (rows, cols / 32) with w = (q - 8) * scale + zero: the same codes, not a new rounding.
+
+    Q4_0 / Q4_1 blocks hold 32 weights: fp16 d (Q4_1: and fp16 min m), 16 bytes whose low nibbles are weights 0..15
+    and high nibbles 16..31; w = d * (q - 8) or d * q + m, so scale = d and zero = 0 or m + 8d. Q4_K super-blocks
+    hold 256 weights: fp16 d and dmin, eight 6-bit (sc, m) pairs in 12 bytes, then four 32-byte chunks whose low
+    nibbles are sub-block 2c and high nibbles 2c + 1; w = d*sc*q - dmin*m, so scale = d*sc, zero = 8*d*sc - dmin*m.
+    """
+    rows = raw.shape[0]
+    if kind == "Q4_K":
+        b = raw.reshape(rows, -1, 144)  # (rows, super-blocks, 144 bytes)
+        d, dmin = (b[..., i:i + 2].contiguous().view(torch.float16).float() for i in (0, 2))  # (rows, sb, 1)
+        sc, m = (torch.from_numpy(x).float().reshape(rows, -1, 8)
+                 for x in gguf.quants.Q4_K.get_scale_min(b[..., 4:16].reshape(-1, 12).numpy()))
+        qs = b[..., 16:].reshape(rows, -1, 4, 1, 32)
+        q = torch.cat((qs & 0x0F, qs >> 4), dim=3)  # (rows, sb, chunk, low/high, 32)
+        scale = d * sc
+        return q.reshape(rows, -1), scale.reshape(rows, -1), (8 * scale - dmin * m).reshape(rows, -1)
+    b = raw.reshape(rows, -1, 18 if kind == "Q4_0" else 20)  # (rows, blocks, block bytes)
     d = b[..., :2].contiguous().view(torch.float16).float().squeeze(-1)
     qs = b[..., 4:] if kind == "Q4_1" else b[..., 2:]
     q = torch.cat((qs & 0x0F, qs >> 4), dim=-1).reshape(rows, -1)
     if kind == "Q4_1":
-        zeros = b[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1) + 8 * d
-    else:
-        zeros = torch.zeros_like(d)
-    base = name.removesuffix(".weight")
-    return {name: pack_nibbles(q), f"{base}.scales": d.to(COMPUTE_DTYPE), f"{base}.zeros": zeros.to(COMPUTE_DTYPE)}
+        return q, d, b[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1) + 8 * d
+    return q, d, torch.zeros_like(d)
 
 
 def detect_scheme(state_dict: dict[str, Tensor]) -> str:
@@ -263,7 +289,6 @@ def build_quantized_model(args: ModelArgs, state_dict: dict[str, Tensor], *, gro
                           device: str | torch.device = "cpu", dtype: torch.dtype = COMPUTE_DTYPE) -> Transformer:
     """A Transformer whose linears and embeddings are the quantized modules, from portable quantized tensors
     (consumed as they are placed, so each exists once)."""
-    from .llama import meta_model
     model = meta_model(args)
     sd = state_dict
 
@@ -322,7 +347,7 @@ def quantize(src: str, dst: str, *, int8: bool = False, int4: bool = False, grou
     if int8 == int4:
         raise QuantizationError("choose exactly one of --int8 and --int4")
     scheme = "int8" if int8 else "int4"
-    ckpt = read_checkpoint(resolve(src), scheme, group_size)
+    ckpt = quantize_checkpoint(read_checkpoint(resolve(src), blocks=True), scheme, group_size)
     out = Path(dst)
     write_quantized(out, ckpt.args, ckpt.state_dict, scheme=scheme, group_size=group_size)
     save_tokenizer(ckpt.tokenizer, ckpt.chat_template, out, layout="hf")
