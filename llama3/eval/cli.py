@@ -23,7 +23,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, default=None, help="k-shot examples (default: each task's published setting)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items of each task")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template (instruct models)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass / prompts per generation batch")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="rows per scoring forward pass; completions the engine decodes together")
     p.add_argument("--samples", type=int, default=1, help="completions per code problem; pass@k for k <= samples")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature for code tasks (default 0, or 0.8 with --samples > 1)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation length (default: 256 GSM-8K, 512 MATH and code)")
