@@ -3,8 +3,8 @@
 Started as `python -I sandbox_child.py PROGRAM WORKDIR ROOTDIR STATUSFILE LIMITS_JSON` (by path, so it imports
 nothing from the package). The layers, outermost first; the first three are the kernel's and hold on their own:
   1. namespaces: fresh mount, PID, network, IPC, UTS and cgroup namespaces. The program sees a new root holding
-     only its work folder (at /sandbox: a fresh tmpfs of bounded size holding the program) and, read-only, the Python standard library and the shared
-     libraries Python loads; a fresh /proc showing only its own processes; no network device. The evaluator's
+     only its work folder (at /sandbox: a fresh tmpfs of bounded size holding the program) and, read-only, the
+     Python standard library and the shared libraries Python loads; a fresh /proc showing only its own processes; no network device. The evaluator's
      files, environment and processes do not exist for it. Root drops to a user id of its own for each run (so
      the process limit binds, and nothing it can see is writable); other users run in a user namespace with
      every capability dropped. If any of this fails the program does not run (STATUSFILE says why), unless
