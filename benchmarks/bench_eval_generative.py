@@ -5,7 +5,7 @@ lm-eval reads the very prompts ours builds (one local task per dataset, `doc_to_
 stop strings and token limit, and its HF model (`hf`, the GGUF file loaded by transformers) writes the
 completions. Per task and side: wall time (lm-eval's own overhead included; the model loads are not), the score of
 each side's completions under our answer checks (extraction and the code sandbox), and how many completions are
-identical. The runs alternate, ours first, per task.
+identical; and the machine's 5-minute load average after the task. The runs alternate, ours first, per task.
 
     python benchmarks/bench_eval_generative.py [--tasks gsm8k,math,humaneval] [--limit N] [--max-new-tokens N]
         [--batch-size 8] [--repeats 1]
@@ -96,7 +96,7 @@ def main() -> None:
     peer = HFLM(pretrained=hf_model, tokenizer=hf_tokenizer, batch_size=args.batch_size)
     folder = Path(tempfile.mkdtemp(prefix="bench-eval-generative-"))
     print(f"{'task':<10} {'n':>3} {'ours s':>8} {'lm-eval+HF s':>13} {'ratio':>6} {'ours':>6} {'peer':>6} "
-          f"{'same completions':>17} {'same prompt ids':>16}")
+          f"{'same completions':>17} {'same prompt ids':>16} {'load':>5}")
     for task in args.tasks.split(","):
         spec = TASKS[task]
         root = SAMPLES_DIR / spec.folder
@@ -131,8 +131,8 @@ def main() -> None:
         same = sum(a == b for a, b in zip(ours_completions, peer_completions))
         o, p = min(ours_s), min(peer_s)
         print(f"{task:<10} {len(items):>3} {o:>8.1f} {p:>13.1f} {p / o:>5.1f}x {sum(ours_ok):>3}/{len(items):<2} "
-              f"{sum(peer_ok):>3}/{len(items):<2} {same:>13}/{len(items):<3} {same_ids:>12}/{len(items):<3}",
-              flush=True)
+              f"{sum(peer_ok):>3}/{len(items):<2} {same:>13}/{len(items):<3} {same_ids:>12}/{len(items):<3} "
+              f"{os.getloadavg()[1]:>5.1f}", flush=True)
         for i, (a, b) in enumerate(zip(ours_completions, peer_completions)):
             if a != b:
                 print(f"    item {i} differs: ours {a[:80]!r} / peer {b[:80]!r}")
