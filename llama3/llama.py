@@ -19,10 +19,10 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype | None = None, device: str 
                 source: str = "") -> Transformer:
     """Create the model on the meta device and adopt the checkpoint's tensors, so no weights exist twice."""
     quantization = ckpt.metadata.get("quantization")
-    if quantization:  # portable quantized tensors (llama3/quantize.py): quantized modules, bf16 activations
-        from .quantize import COMPUTE_DTYPE, build_quantized_model
+    if quantization:  # portable quantized tensors (llama3/quantize.py): quantized modules
+        from .quantize import build_quantized_model
         return build_quantized_model(ckpt.args, ckpt.state_dict, group_size=quantization["group_size"],
-                                     device=device, dtype=dtype or COMPUTE_DTYPE)
+                                     device=device, dtype=dtype)
     model = meta_model(ckpt.args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if ckpt.args.tie_embeddings:

@@ -8,9 +8,15 @@ Schemes:
 In both, the embedding and output matrices stay 8-bit per row (llama.cpp's 4-bit files keep them at 8 bits too):
 they are the largest and most sensitive matrices, and with tied embeddings they are one tensor.
 
-On CPU the matmuls run in torch's own kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which are
-fast only with bf16 activations, so a quantized model computes in bf16 (RMSNorm and RoPE still in fp32). Other
-devices dequantize on the fly (exact, and fused by torch.compile).
+On CPU the matmuls of a few rows (decoding) run in torch's own kernels (`_weight_int8pack_mm`,
+`_weight_int4pack_mm_for_cpu`), which are fast only with bf16 activations. What the rest of the model computes in
+depends on the CPU (`compute_dtype`, measured with benchmarks/bench_cpu_kernels.py, see docs/PERFORMANCE.md):
+  AVX-512  bf16 activations everywhere (RMSNorm and RoPE still in fp32): its bf16 matmuls are fast.
+  AVX2     fp32 activations, as an fp32 model: bf16 matmuls and attention run ~40x slower than fp32 there. Decoding
+           rows are rounded to bf16 for the kernels (which beat the fp32 gemv: fewer bytes read); prompts
+           (more than DEQUANTIZE_ABOVE_ROWS rows) dequantize the weight to fp32 a tile of rows at a time and use
+           the fp32 matmul, so a quantized prompt runs at fp32 speed rather than bf16's.
+Other devices dequantize on the fly (exact, and fused by torch.compile).
 
 The portable form (what `quantize_state_dict` returns and `llama3 quantize` writes) is device-independent:
   int8 linear/embedding  NAME.weight int8 (out, in), NAME.scales bf16 (out,)
@@ -38,12 +44,26 @@ from .weights import Checkpoint
 from .weights.gguf import GGUFTensor, dequantize
 
 SCHEMES = ("int8", "int4")
-COMPUTE_DTYPE = torch.bfloat16  # torch's CPU int8/int4 kernels are 10-40x slower with fp32 activations
+SCALE_DTYPE = torch.bfloat16  # portable scales, and the activations of torch's CPU int8/int4 kernels (10-40x slower
+#                               with fp32 activations)
+DEQUANTIZE_ABOVE_ROWS = 32  # AVX2: more rows than this dequantize to fp32 (measured crossover 16-64 rows)
 _ROWS_PER_CHUNK = 4096  # quantize big matrices a slice of rows at a time so fp32 temporaries stay small
+_TILE_WEIGHTS = 1 << 20  # weights per dequantized fp32 tile (4 MB: stays in cache for the matmul that reads it)
 
 
 class QuantizationError(ValueError):
     pass
+
+
+def fast_bf16_cpu() -> bool:
+    """Whether this CPU runs torch's bf16 matmuls fast: AVX-512 builds do (avx512_bf16 / VNNI on the CPUs we
+    measured); on AVX2-only CPUs they run ~40x slower than fp32."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def compute_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """The activation dtype of a quantized model on this device."""
+    return torch.float32 if torch.device(device).type == "cpu" and not fast_bf16_cpu() else torch.bfloat16
 
 
 # ---- the math -------------------------------------------------------------------------------------------------
@@ -51,19 +71,19 @@ class QuantizationError(ValueError):
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     """(out, in) float -> int8 weights and one scale per row (symmetric: w ~= q * scale)."""
     q = torch.empty(w.shape, dtype=torch.int8)
-    scales = torch.empty(w.shape[0], dtype=COMPUTE_DTYPE)
+    scales = torch.empty(w.shape[0], dtype=SCALE_DTYPE)
     for r in range(0, w.shape[0], _ROWS_PER_CHUNK):
         chunk = w[r:r + _ROWS_PER_CHUNK].float()
-        s = _round_up_to_compute_dtype(chunk.abs().amax(dim=1).clamp(min=1e-10) / 127)
+        s = _round_up_to_scale_dtype(chunk.abs().amax(dim=1).clamp(min=1e-10) / 127)
         q[r:r + _ROWS_PER_CHUNK] = torch.round(chunk / s.float()[:, None]).clamp_(-127, 127)
         scales[r:r + _ROWS_PER_CHUNK] = s
     return q, scales
 
 
-def _round_up_to_compute_dtype(x: Tensor) -> Tensor:
+def _round_up_to_scale_dtype(x: Tensor) -> Tensor:
     """The smallest bf16 >= x: rounding the scale down could push the largest weights past the end of the grid."""
-    y = x.to(COMPUTE_DTYPE)
-    return torch.where(y.float() < x, torch.nextafter(y, torch.tensor(float("inf"), dtype=COMPUTE_DTYPE)), y)
+    y = x.to(SCALE_DTYPE)
+    return torch.where(y.float() < x, torch.nextafter(y, torch.tensor(float("inf"), dtype=SCALE_DTYPE)), y)
 
 
 def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -75,14 +95,14 @@ def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
         raise QuantizationError(f"int4 group size {group_size} does not divide the input dimension {cols}; "
                                 f"choose a divisor of {cols} (e.g. 32)")
     packed = torch.empty(rows, cols // 2, dtype=torch.uint8)
-    scales = torch.empty(rows, cols // group_size, dtype=COMPUTE_DTYPE)
-    zeros = torch.empty(rows, cols // group_size, dtype=COMPUTE_DTYPE)
+    scales = torch.empty(rows, cols // group_size, dtype=SCALE_DTYPE)
+    zeros = torch.empty(rows, cols // group_size, dtype=SCALE_DTYPE)
     for r in range(0, rows, _ROWS_PER_CHUNK):
         g = w[r:r + _ROWS_PER_CHUNK].float().reshape(-1, cols // group_size, group_size)
         lo, hi = g.amin(dim=-1), g.amax(dim=-1)
         # Round scale and zero to bf16 first and pick each q against the rounded grid the kernel will use.
-        scale = _round_up_to_compute_dtype(((hi - lo) / 15).clamp(min=1e-10))
-        zero = (lo + 8 * scale.float()).to(COMPUTE_DTYPE)
+        scale = _round_up_to_scale_dtype(((hi - lo) / 15).clamp(min=1e-10))
+        zero = (lo + 8 * scale.float()).to(SCALE_DTYPE)
         lo = zero.float() - 8 * scale.float()
         q = torch.round((g - lo[..., None]) / scale.float()[..., None]).clamp_(0, 15).to(torch.uint8)
         packed[r:r + _ROWS_PER_CHUNK] = pack_nibbles(q.reshape(q.shape[0], cols))
@@ -116,12 +136,22 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)  # (out, in) int8
         self.register_buffer("scales", scales)  # (out,) in the activation dtype
+        if weight.device.type == "cpu":  # the kernel wants its scales in its own (bf16) activation dtype
+            self.register_buffer("kernel_scales", scales.to(SCALE_DTYPE), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu":
-            out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
-            return out.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight.to(x.dtype)) * self.scales
+        if x.device.type != "cpu":
+            return F.linear(x, self.weight.to(x.dtype)) * self.scales
+        x2 = x.reshape(-1, self.in_features)
+        if _dequantizes(x2):
+            out = _tiled_matmul(x2, self.out_features, self.dequantize_rows)
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(x2.to(SCALE_DTYPE), self.weight, self.kernel_scales)
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def dequantize_rows(self, start: int, end: int, out: Tensor) -> Tensor:
+        """fp32 weights of output rows start..end, written into `out` (end - start, in)."""
+        return torch.mul(self.weight[start:end], self.scales[start:end, None], out=out)
 
 
 class Int4Linear(nn.Module):
@@ -132,39 +162,84 @@ class Int4Linear(nn.Module):
         if packed.device.type == "cpu":
             # The CPU kernel's own layouts: weights interleaved in blocks of rows, scales and zeros (in/g, out, 2).
             self.register_buffer("weight", pack_for_cpu_kernel(unpack_nibbles(packed)))
-            self.register_buffer("scales_and_zeros", torch.stack((scales.t(), zeros.t()), dim=-1).contiguous())
+            self.register_buffer("scales_and_zeros",
+                                 torch.stack((scales.t(), zeros.t()), dim=-1).to(SCALE_DTYPE).contiguous())
         else:
             self.register_buffer("weight", packed)
             self.register_buffer("scales", scales)
             self.register_buffer("zeros", zeros)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu":
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.weight,
-                                                             self.group_size, self.scales_and_zeros)
-            return out.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, dequantize_int4(self.weight, self.scales, self.zeros).to(x.dtype))
+        if x.device.type != "cpu":
+            return F.linear(x, dequantize_int4(self.weight, self.scales, self.zeros).to(x.dtype))
+        x2 = x.reshape(-1, self.in_features)
+        if _dequantizes(x2) and _kernel_layout_rows(self.out_features):
+            out = _tiled_matmul(x2, self.out_features, self.dequantize_rows)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(SCALE_DTYPE), self.weight, self.group_size,
+                                                             self.scales_and_zeros)
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def dequantize_rows(self, start: int, end: int, out: Tensor) -> Tensor:
+        """fp32 weights of output rows start..end (whole blocks of the kernel's layout), written into `out`."""
+        block = _kernel_layout_rows(self.out_features)
+        packed = self.weight[start:end].view(-1, self.in_features, block // 2)  # (row block, column, row in half)
+        q = out.view(-1, 2, block // 2, self.in_features)  # (row block, low/high half, row in half, column)
+        q[:, 0].copy_((packed & 0x0F).transpose(1, 2))
+        q[:, 1].copy_((packed >> 4).transpose(1, 2))
+        sz = self.scales_and_zeros[:, start:end].float()  # (groups, rows, 2)
+        scales, zeros = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]  # (rows, groups, 1)
+        groups = out.view(end - start, -1, self.group_size)
+        return torch.addcmul(zeros - 8 * scales, groups, scales, out=groups).view_as(out)
+
+
+def _dequantizes(x: Tensor) -> bool:
+    """fp32 activations of many rows (a prompt on an AVX2 CPU): dequantize and use the fp32 matmul."""
+    return x.dtype == torch.float32 and x.shape[0] > DEQUANTIZE_ABOVE_ROWS
+
+
+def _tiled_matmul(x: Tensor, out_features: int, dequantize_rows) -> Tensor:
+    """x (M, in) @ W.T with W dequantized to fp32 a tile of output rows at a time into one reused buffer, so the
+    full-precision matrix never exists and each tile is still in cache when the matmul reads it."""
+    rows = max(64, _TILE_WEIGHTS // x.shape[1] // 64 * 64)  # whole 64-row blocks (the kernel layouts' unit)
+    out = x.new_empty(x.shape[0], out_features)
+    buffer = x.new_empty(min(rows, out_features), x.shape[1])
+    for start in range(0, out_features, rows):
+        end = min(start + rows, out_features)
+        out[:, start:end] = F.linear(x, dequantize_rows(start, end, buffer[:end - start]))
+    return out
 
 
 def pack_for_cpu_kernel(q: Tensor) -> Tensor:
     """(out, in) uint8 values 0..15 -> the layout of torch's CPU int4 kernel.
 
-    torch's converter wants one int32 per weight (4x the memory, slow for big models). With AVX-512 its layout is
-    simple: per block of 64 rows and per column, 32 bytes holding row j in the low nibble and row j + 32 in the high
-    one. We write that directly when a probe shows this machine's converter uses it, and defer to torch otherwise."""
-    if q.shape[0] % 64 or not _cpu_layout_is_blocks_of_64():
+    torch's converter wants one int32 per weight (4x the memory, slow for big models). Its layout is simple: per
+    block of B rows (64 with AVX-512, 32 with AVX2) and per column, B/2 bytes holding row j in the low nibble and
+    row j + B/2 in the high one. We write that directly when a probe shows this machine's converter uses it, and
+    defer to torch otherwise."""
+    block = _kernel_layout_rows(q.shape[0])
+    if not block:
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1)
+    return _pack_blocks(q, block)
+
+
+def _pack_blocks(q: Tensor, block: int) -> Tensor:
     rows, cols = q.shape
-    blocks = q.view(rows // 64, 2, 32, cols)  # (row block, low/high half, row in half, column)
+    blocks = q.view(rows // block, 2, block // 2, cols)  # (row block, low/high half, row in half, column)
     return (blocks[:, 0] | (blocks[:, 1] << 4)).transpose(1, 2).contiguous().view(rows, cols // 2)
 
 
+def _kernel_layout_rows(rows: int) -> int | None:
+    """The block of rows of torch's int4 layout on this CPU, if we know it and it divides `rows`."""
+    block = _cpu_layout_block()
+    return block if block and rows % block == 0 else None
+
+
 @functools.cache
-def _cpu_layout_is_blocks_of_64() -> bool:
+def _cpu_layout_block() -> int | None:
     probe = torch.randint(0, 16, (128, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    blocks = probe.view(2, 2, 32, 64)
-    ours = (blocks[:, 0] | (blocks[:, 1] << 4)).transpose(1, 2).contiguous().view(128, 32)
-    return torch.equal(ours, torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.int(), 1))
+    theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.int(), 1)
+    return next((block for block in (64, 32) if torch.equal(_pack_blocks(probe, block), theirs)), None)
 
 
 class Int8Embedding(nn.Module):
@@ -191,7 +266,7 @@ def quantize_tensor(name: str, w: Tensor | GGUFTensor, scheme: str, group_size: 
         return _quantize_gguf_tensor(name, w, scheme, group_size)
     base = name.removesuffix(".weight")
     if w.ndim == 1:  # norms
-        return {name: w.to(COMPUTE_DTYPE)}
+        return {name: w.to(SCALE_DTYPE)}
     if scheme == "int4" and is_layer_linear(name):
         packed, scales, zeros = quantize_int4(w, group_size)
         return {name: packed, f"{base}.scales": scales, f"{base}.zeros": zeros}
@@ -286,9 +361,10 @@ def detect_scheme(state_dict: dict[str, Tensor]) -> str:
 
 
 def build_quantized_model(args: ModelArgs, state_dict: dict[str, Tensor], *, group_size: int,
-                          device: str | torch.device = "cpu", dtype: torch.dtype = COMPUTE_DTYPE) -> Transformer:
+                          device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:
     """A Transformer whose linears and embeddings are the quantized modules, from portable quantized tensors
-    (consumed as they are placed, so each exists once)."""
+    (consumed as they are placed, so each exists once), computing in `dtype` (default: compute_dtype(device))."""
+    dtype = dtype or compute_dtype(device)
     model = meta_model(args)
     sd = state_dict
 

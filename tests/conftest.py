@@ -78,6 +78,28 @@ def write_gguf(path, args, state_dict, qtype=None, tokenizer=None, rope_freqs=No
     default Q8_0), norms in F32; `tokenizer` is a dict of tokenizer.ggml.* fields (tokens, types, merges, pre, ...)."""
     import gguf
     qtype = gguf.GGMLQuantizationType.Q8_0 if qtype is None else qtype
+    w = llama_gguf_writer(path, args, qtype, tokenizer)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.float().numpy())
+    for name, t in state_dict.items():
+        if args.tie_embeddings and name == "output.weight":
+            continue
+        data = t.float().numpy()
+        if data.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+            q = gguf.quants.quantize(data, qtype)
+            w.add_tensor(gguf_name(name), q, raw_shape=q.shape, raw_dtype=qtype)
+        else:
+            w.add_tensor(gguf_name(name), data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def llama_gguf_writer(path, args, qtype, tokenizer=None):
+    """A gguf.GGUFWriter holding a llama model's metadata (and tokenizer.ggml.* fields), tensors still to add."""
+    import gguf
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(args.n_layers)
     w.add_context_length(args.max_seq_len)
@@ -100,26 +122,15 @@ def write_gguf(path, args, state_dict, qtype=None, tokenizer=None, rope_freqs=No
         w.add_bos_token_id(tokenizer["bos"])
         w.add_eos_token_id(tokenizer["eos"])
         w.add_chat_template(tokenizer["chat_template"])
-    if rope_freqs is not None:
-        w.add_tensor("rope_freqs.weight", rope_freqs.float().numpy())
-    for name, t in state_dict.items():
-        if args.tie_embeddings and name == "output.weight":
-            continue
-        data = t.float().numpy()
-        if data.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
-            q = gguf.quants.quantize(data, qtype)
-            w.add_tensor(gguf_name(name), q, raw_shape=q.shape, raw_dtype=qtype)
-        else:
-            w.add_tensor(gguf_name(name), data)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return w
 
 
 @pytest.fixture(scope="session")
 def llama3_hf_tokenizer():
+    return hf_tokenizer_of_meta_llama3()
+
+
+def hf_tokenizer_of_meta_llama3():
     """Llama 3's tokenizer as a Hugging Face `tokenizers.Tokenizer`, made by transformers' own converter from Meta's
     tokenizer.model (what meta-llama ships as tokenizer.json)."""
     import importlib

@@ -6,9 +6,11 @@ import torch
 
 from llama3.generate import generate_tokens
 from llama3.llama import build_model
-from llama3.quantize import (Int4Linear, Int8Embedding, Int8Linear, QuantizationError, dequantize_int4,
-                             is_layer_linear, pack_for_cpu_kernel, pack_nibbles, quantize, quantize_int4, quantize_int8,
-                             quantize_checkpoint, quantize_model, unpack_nibbles)
+import llama3.quantize as quantize_module
+from llama3.quantize import (DEQUANTIZE_ABOVE_ROWS, Int4Linear, Int8Embedding, Int8Linear, QuantizationError,
+                             compute_dtype, dequantize_int4, is_layer_linear, pack_for_cpu_kernel, pack_nibbles,
+                             quantize, quantize_checkpoint, quantize_int4, quantize_int8, quantize_model,
+                             unpack_nibbles)
 from llama3.weights import read_checkpoint
 from llama3.weights.gguf import dequantize
 
@@ -56,6 +58,30 @@ def test_quantized_linear_equals_its_dequantized_weights(scheme):
     assert out.shape == (2, 5, 96) and out.dtype == torch.bfloat16
     expected = x.float() @ dense.t()
     assert (out.float() - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_fp32_prompts_use_fp32_matmuls_on_dequantized_tiles(scheme, monkeypatch):
+    """fp32 activations (how AVX2 CPUs run quantized models): many rows go through fp32 matmuls on the weight
+    dequantized a tile at a time (exact up to summation order), decoding rows through the bf16 kernel."""
+    monkeypatch.setattr(quantize_module, "_TILE_WEIGHTS", 64 * 128)  # 64-row tiles: three for 192 rows
+    w = torch.randn(192, 128)
+    if scheme == "int8":
+        q, scales = quantize_int8(w)
+        layer, dense = Int8Linear(q, scales.float()), q.float() * scales.float()[:, None]
+    else:
+        packed, scales, zeros = quantize_int4(w, 32)
+        layer = Int4Linear(packed, scales.float(), zeros.float(), 32)
+        dense = dequantize_int4(packed, scales.float(), zeros.float())
+    prompt = torch.randn(1, DEQUANTIZE_ABOVE_ROWS + 1, 128)
+    assert (layer(prompt) - prompt @ dense.t()).abs().max() <= 1e-5 * (prompt @ dense.t()).abs().max()
+    decode = torch.randn(3, 1, 128)
+    out, expected = layer(decode), decode @ dense.t()
+    assert out.dtype == torch.float32 and (out - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def test_quantized_models_compute_in_this_cpus_fast_dtype():
+    assert quantize_model(random_model(tiny_args()), "int8").norm.weight.dtype == compute_dtype("cpu")
 
 
 def test_int8_embedding_rows():
