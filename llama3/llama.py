@@ -65,10 +65,12 @@ class Llama:
     def encode_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, bos=getattr(self.tokenizer, "add_bos", True))
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """OpenAI-style messages (tool calls and "tool" results included) -> prompt ids; `tools` are OpenAI function
+        definitions the model may call (llama3/tools.py)."""
         if self.chat_format is None:
             raise ValueError(f"{self.name or 'this model'} has no chat format (no chat template in the checkpoint)")
-        return self.chat_format.encode_dialog_prompt(messages)
+        return self.chat_format.encode_dialog_prompt(messages, tools=tools)
 
     def stream_batch(self, prompt_ids: list[list[int]], *, max_new_tokens: int = 256, temperature: float = 0.0,
                      top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
