@@ -354,6 +354,34 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
 
     app.include_router(v1)
 
+    # vLLM's tokenizer routes: lm-eval's "remote" tokenizer reads them, so it scores with exactly our tokens.
+    @app.get("/tokenizer_info", dependencies=[Depends(require_api_key)])
+    async def tokenizer_info():
+        tok = llm.tokenizer
+        spell = lambda i: None if i is None else tok.decode([i])  # noqa: E731
+        template = getattr(tok, "chat_template", None)
+        return {"bos_token": spell(getattr(tok, "bos_id", None)), "eos_token": spell(getattr(tok, "eos_id", None)),
+                "pad_token": spell(getattr(tok, "pad_id", None)), "chat_template": template,
+                "model_max_length": engine.max_context}
+
+    @app.post("/tokenize", dependencies=[Depends(require_api_key)])
+    async def tokenize(request: Request):
+        body = await read_json(request)
+        if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+            raise APIError(400, "'prompt' must be a string", param="prompt")
+        special = body.get("add_special_tokens", True)
+        ids = llm.encode_prompt(body["prompt"]) if special else llm.tokenizer.encode(body["prompt"])
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_context}
+
+    @app.post("/detokenize", dependencies=[Depends(require_api_key)])
+    async def detokenize(request: Request):
+        body = await read_json(request)
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        vocab = llm.model.args.vocab_size
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and 0 <= t < vocab for t in tokens):
+            raise APIError(400, f"'tokens' must be a list of token ids in [0, {vocab})", param="tokens")
+        return {"prompt": llm.tokenizer.decode(tokens)}
+
     @app.get("/metrics", dependencies=[Depends(require_api_key)])
     async def get_metrics():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

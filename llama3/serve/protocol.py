@@ -316,7 +316,9 @@ class Reply:
         tok = self.tokenizer
         if hasattr(tok, "token_bytes"):  # byte-level BPE
             return tok.token_bytes[token]
-        return tok.encoding.decode_single_token_bytes(token)  # tiktoken
+        if hasattr(tok, "encoding"):  # tiktoken
+            return tok.encoding.decode_single_token_bytes(token)
+        return tok.decode([token]).encode()
 
     def token_text(self, token: int) -> str:
         return self.token_bytes(token).decode("utf-8", errors="replace")
