@@ -314,3 +314,41 @@ def test_embeddings(client, llm):
     assert np.frombuffer(base64.b64decode(raw.data[0].embedding) if isinstance(raw.data[0].embedding, str)
                          else np.array(raw.data[0].embedding, dtype="<f4").tobytes(),
                          dtype="<f4") == pytest.approx(expected, abs=1e-5)
+
+
+def test_tokenizer_routes(server, llm):
+    import httpx
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world", "add_special_tokens": False}).json()
+    assert ids["tokens"] == llm.tokenizer.encode("Hello world")
+    assert httpx.post(server.url + "/detokenize", json={"tokens": ids["tokens"]}).json()["prompt"] == "Hello world"
+    assert httpx.get(server.url + "/tokenizer_info").json()["eos_token"] == llm.tokenizer.decode([llm.tokenizer.eos_id])
+
+
+@pytest.mark.long
+def test_lm_eval_local_completions_equals_llama3_eval(server, llm, tmp_path):
+    """lm-eval's local-completions model scores an MMLU-layout task through /v1/completions (echo + logprobs)
+    with the server's own tokens (/tokenize): the same accuracy and per-item scores as our evaluator in-process."""
+    import shutil
+    import textwrap
+
+    lm_eval = pytest.importorskip("lm_eval")
+    import lm_eval.models  # noqa: F401  (registers local-completions; importing our adapter first would hide it)
+    from lm_eval.tasks import TaskManager
+    from test_eval_lm_eval import YAML
+
+    from llama3.eval.tasks import SAMPLES_DIR, EvalOptions, evaluate
+    mmlu = tmp_path / "mmlu"
+    for split in ("dev", "test"):
+        (mmlu / "data" / split).mkdir(parents=True)
+        shutil.copy(SAMPLES_DIR / "mmlu" / "data" / split / f"college_biology_{split}.csv", mmlu / "data" / split)
+    (tmp_path / "mmlu.yaml").write_text(textwrap.dedent(YAML["mmlu"].format(root=mmlu)))
+    out = lm_eval.simple_evaluate(
+        model="local-completions", tasks=["sample_mmlu_college_biology"], num_fewshot=0, log_samples=True,
+        model_args={"model": llm.name, "base_url": server.url + "/v1/completions", "tokenizer_backend": "remote",
+                    "max_length": 1024, "num_concurrent": 1},
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False), bootstrap_iters=0)
+    mine = evaluate(llm, f"mmlu:{mmlu}", options=EvalOptions(shots=0))
+    assert out["results"]["sample_mmlu_college_biology"]["acc,none"] == pytest.approx(mine.metrics["acc"])
+    samples = sorted(out["samples"]["sample_mmlu_college_biology"], key=lambda s: s["doc_id"])
+    for theirs, ours in zip(samples, mine.samples, strict=True):
+        assert [float(r[0]) for r in theirs["filtered_resps"]] == pytest.approx(ours["logprobs"], abs=1e-3)
