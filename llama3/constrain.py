@@ -162,12 +162,14 @@ class Constraint:
         if self.matcher is None:
             return logits
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
-        allowed = torch.from_numpy(np.unpackbits(bits, bitorder="little")[:self.vocab_size].astype(bool))
+        # The bit unpacking and negation in numpy: torch's elementwise ops start OpenMP threads for every call,
+        # which costs milliseconds per row on a busy machine.
+        forbidden = torch.from_numpy(np.unpackbits(bits, bitorder="little")[:self.vocab_size] == 0)
         n = logits.shape[-1]
         if n > self.vocab_size:  # padded vocabulary rows: never allowed
             logits[..., self.vocab_size:] = float("-inf")
             n = self.vocab_size
-        logits[..., :n].masked_fill_(~allowed[:n].to(logits.device), float("-inf"))
+        logits[..., :n].masked_fill_(forbidden[:n].to(logits.device), float("-inf"))
         return logits
 
     def accept(self, token: int) -> None:
