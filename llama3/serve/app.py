@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generate import SamplingParams
+from .connections import ConnectionGuard, guarded_protocol
 from .engine import Engine, Output, QueueFull
 from .engine import Request as EngineRequest
 from .metrics import ServeMetrics
@@ -47,6 +48,11 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     request_timeout: float = 600.0  # seconds from receiving a request to its last token
     body_timeout: float = 30.0  # seconds to receive a request body
+    header_timeout: float = 10.0  # seconds for a connection to deliver request headers (after connecting or a reply)
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
+    max_connections: int = 1024  # open connections in all; past it idle ones are closed, or newcomers get 503
+    max_client_connections: int = 128  # open connections per client address, the same way
+    retry_after: int = 1  # seconds, in the Retry-After header of 429 and 503 answers
 
 
 class ClientGone(Exception):
@@ -133,6 +139,8 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        if e.status in (429, 503):
+            headers = {"Retry-After": str(config.retry_after)}
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -357,6 +365,16 @@ class CountRequests:
         await self.app(scope, receive, counting_send)
 
 
+def uvicorn_config(app: FastAPI, **kwargs):
+    """uvicorn's settings for this app: HTTP/1.1 under the connection guard with the app's ServeConfig limits."""
+    import uvicorn
+    config: ServeConfig = app.state.config
+    guard = ConnectionGuard(max_total=config.max_connections, max_per_client=config.max_client_connections,
+                            header_timeout=config.header_timeout, retry_after=config.retry_after)
+    return uvicorn.Config(app, http=guarded_protocol(guard), timeout_keep_alive=config.keep_alive_timeout,
+                          **kwargs)
+
+
 class BackgroundServer:
     """Serve an app with uvicorn on a background thread, on a free loopback port (tests, benchmarks, notebooks).
 
@@ -370,7 +388,7 @@ class BackgroundServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = host, self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(uvicorn_config(app, log_level="warning", timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.start_timeout = start_timeout
 
