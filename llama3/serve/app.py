@@ -41,10 +41,12 @@ STATIC_DIR = Path(__file__).parent / "static"
 @dataclass
 class ServeConfig:
     api_key: str | None = None
-    max_batch: int = 8  # requests decoded together
+    max_batch: int = 64  # requests decoded together
     max_context: int | None = None  # tokens per request, prompt + completion (default: the model's)
     max_queue: int = 64  # requests waiting for a free slot before new ones get 429
     prefill_chunk: int = 256  # prompt tokens prefilled per engine step
+    kv_cache_tokens: int | None = None  # positions the paged KV cache holds for all requests (default 4 contexts)
+    prefix_caching: bool = True  # share computed prompt prefixes between requests
     max_body_bytes: int = 1 << 20
     request_timeout: float = 600.0  # seconds from receiving a request to its last token
     body_timeout: float = 30.0  # seconds to receive a request body
@@ -123,7 +125,8 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
     created = now()
     metrics = ServeMetrics()
     engine = Engine(llm.model, llm.tokenizer, max_batch=config.max_batch, max_context=config.max_context,
-                    max_queue=config.max_queue, prefill_chunk=config.prefill_chunk, metrics=metrics)
+                    max_queue=config.max_queue, prefill_chunk=config.prefill_chunk,
+                    kv_cache_tokens=config.kv_cache_tokens, prefix_caching=config.prefix_caching, metrics=metrics)
     metrics.watch_engine(engine)
 
     @asynccontextmanager
