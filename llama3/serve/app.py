@@ -293,6 +293,10 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
     async def page():
         return FileResponse(STATIC_DIR / "index.html")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():  # browsers and tools ask for this path whatever the page links to
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
