@@ -104,7 +104,8 @@ def start_server(model: str, args: list[str], code: str | None = None) -> tuple[
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": code} if code else None
     cmd = [sys.executable, "-m", "llama3.cli", "serve", "--model", model, "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    # In `code`'s directory: `python -m` puts the working directory first on the import path.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=code)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -135,6 +136,8 @@ class Servers:
     def start(self, name: str, model: str, args: list[str], code: str | None = None) -> str:
         proc, url = start_server(model, args, code)
         self.procs[name] = proc
+        engine = httpx.get(url + "/metrics", timeout=10).text
+        assert ("llama3_kv_cache_blocks" in engine) == (code is None), "the server runs the wrong version"
         return url
 
     def stop(self) -> None:
