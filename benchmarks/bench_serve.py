@@ -52,13 +52,14 @@ class StreamResult:
         return (self.finished - self.first_token) / max(self.tokens - 1, 1)
 
 
-async def one_stream(client: httpx.AsyncClient, model: str, i: int, max_tokens: int) -> StreamResult:
+async def one_stream(client: httpx.AsyncClient, model: str, i: int, max_tokens: int,
+                     result: StreamResult | None = None) -> StreamResult:
     # Plain httpx and json rather than the openai client: on a small machine the client's own parsing would
     # compete with the server for the same cores and blur the measurement.
     body = {"model": model, "messages": [{"role": "user", "content": poem_request(i)}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
             "ignore_eos": True}
-    result = StreamResult(started=time.perf_counter())
+    result = result or StreamResult(started=time.perf_counter())
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
@@ -159,7 +160,7 @@ def baseline_code(rev: str) -> str:
 
 
 def long_text(words: int, seed: int) -> str:
-    """Varied prose-like text of about `words` words (1-2 tokens each), different for every seed."""
+    """Varied prose-like text of `words` words (one token each for the default model), different for every seed."""
     vocab = ("river stone light market window garden signal winter harbour lantern paper mountain orchard copper "
              "engine meadow violin bridge candle forest silver question morning letter island thunder").split()
     return " ".join(vocab[(seed * 7919 + i * i * 31 + i) % len(vocab)] for i in range(words))
@@ -192,12 +193,16 @@ async def second_turn_ttft(url: str, model: str, seed: int, words: int) -> float
 async def decode_during_long_prompt(url: str, model: str, streams: int, prompt_words: int) -> dict:
     """Inter-token gaps of `streams` running streams while one long prompt is prefilled, and that prompt's TTFT."""
     async with httpx.AsyncClient(base_url=url, timeout=3600, limits=httpx.Limits(max_connections=streams + 1)) as c:
-        running = [asyncio.create_task(one_stream(c, model, i, 400)) for i in range(streams)]
+        results = [StreamResult(started=time.perf_counter()) for _ in range(streams)]
+        running = [asyncio.create_task(one_stream(c, model, i, 4000, r)) for i, r in enumerate(results)]
         await asyncio.sleep(3)  # all streams decoding
         started = time.perf_counter()
         ttft, _ = await timed_chat(c, model, [{"role": "user", "content": long_text(prompt_words, 99)}], 1)
         ended = time.perf_counter()
-        results = await asyncio.gather(*running)
+        await asyncio.sleep(1)
+        for task in running:  # the streams have shown what they had to: hang up (the server cancels them)
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
     gaps = [b - a for r in results for a, b in zip(r.chunk_times, r.chunk_times[1:]) if started <= b <= ended + 0.5]
     return {"long_ttft_s": ttft, "gap_p50_ms": 1000 * percentile(gaps, 0.5),
             "gap_p95_ms": 1000 * percentile(gaps, 0.95), "gap_max_ms": 1000 * max(gaps)}
@@ -212,8 +217,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for the model in each server")
     parser.add_argument("--context", type=int, default=2048, help="--max-context of the throughput servers")
-    parser.add_argument("--conversation-words", type=int, default=1400, help="first turn (~2,000 tokens)")
-    parser.add_argument("--long-prompt-words", type=int, default=2800, help="the arriving prompt (~4,000 tokens)")
+    parser.add_argument("--conversation-words", type=int, default=2000,
+                        help="first turn's words (one token each with the default model's tokenizer)")
+    parser.add_argument("--long-prompt-words", type=int, default=4000, help="the arriving prompt's words (tokens)")
     parser.add_argument("--parts", nargs="+", default=["throughput", "prefix", "chunked"])
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()

@@ -372,11 +372,26 @@ class CountRequests:
         await self.app(scope, receive, counting_send)
 
 
+def connection_budget(wanted: int) -> int:
+    """Connections the process can hold: raises its open-file limit towards `wanted` (plus room for the model's
+    files and logs) as far as the hard limit allows; a lower cap than asked is logged, never a failing accept."""
+    import resource
+    spare = 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted + spare:
+        soft = wanted + spare if hard == resource.RLIM_INFINITY else min(hard, wanted + spare)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft != resource.RLIM_INFINITY and soft < wanted + spare:
+        log.warning("the open-file limit (%d) allows %d connections, not %d", soft, soft - spare, wanted)
+        return max(1, soft - spare)
+    return wanted
+
+
 def uvicorn_config(app: FastAPI, **kwargs):
     """uvicorn's settings for this app: HTTP/1.1 under the connection guard with the app's ServeConfig limits."""
     import uvicorn
     config: ServeConfig = app.state.config
-    guard = ConnectionGuard(max_total=config.max_connections, max_per_client=config.max_client_connections,
+    guard = ConnectionGuard(max_total=connection_budget(config.max_connections), max_per_client=config.max_client_connections,
                             header_timeout=config.header_timeout, retry_after=config.retry_after)
     return uvicorn.Config(app, http=guarded_protocol(guard), timeout_keep_alive=config.keep_alive_timeout,
                           **kwargs)
