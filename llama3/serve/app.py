@@ -532,7 +532,8 @@ def uvicorn_config(app: FastAPI, **kwargs):
     """uvicorn's settings for this app: HTTP/1.1 under the connection guard with the app's ServeConfig limits."""
     import uvicorn
     config: ServeConfig = app.state.config
-    guard = ConnectionGuard(max_total=connection_budget(config.max_connections), max_per_client=config.max_client_connections,
+    guard = ConnectionGuard(max_total=connection_budget(config.max_connections),
+                            max_per_client=config.max_client_connections,
                             header_timeout=config.header_timeout, retry_after=config.retry_after)
     return uvicorn.Config(app, http=guarded_protocol(guard), timeout_keep_alive=config.keep_alive_timeout,
                           **kwargs)

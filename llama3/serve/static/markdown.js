@@ -71,7 +71,8 @@ function renderMarkdown(text) {
     const quoted = line.match(/^>\s?(.*)$/);
     if (heading) {
       endBlocks();
-      root.appendChild(element("h" + Math.min(6, heading[1].length + 2), heading[2]));  // # is a section, not a page title
+      // "#" is a section of a reply, not a page title: h3 and smaller.
+      root.appendChild(element("h" + Math.min(6, heading[1].length + 2), heading[2]));
     } else if (item) {
       const ordered = /\d/.test(item[1]);
       if (!list || (list.tagName === "OL") !== ordered) {
