@@ -27,6 +27,7 @@ from llama3.args import ModelArgs
 from llama3.fast import onednn_linear
 from llama3.train.config import load_config
 from llama3.train.metrics import flops_per_token
+from llama3.train.pretrain import Pretraining
 from llama3.train.trainer import Trainer
 
 PRESET = "smollm2-135m"
@@ -60,7 +61,8 @@ def our_step(batch: int, seq_len: int, compile: bool):
                  "training.dtype=float32", "eval.every=-1", "checkpoint.enabled=false", "checkpoint.export=false",
                  "metrics.peak_tflops=1", "metrics.tensorboard=false", "metrics.plot=false",
                  f"run.dir={tempfile.mkdtemp(prefix='bench_train-')}"]
-    trainer = Trainer(load_config(None, overrides))
+    cfg = load_config(None, overrides)
+    trainer = Trainer(cfg, Pretraining(cfg))
     return lambda: trainer.train_step()
 
 

@@ -15,8 +15,10 @@ def train(overrides: list[str] | None = None, *, config: str | None = None) -> l
         config: TOML, JSON or YAML file with the training configuration
     """
     from .config import load_config
+    from .pretrain import Pretraining
     from .trainer import Trainer
-    trainer = Trainer(load_config(config, overrides))
+    cfg = load_config(config, overrides)
+    trainer = Trainer(cfg, Pretraining(cfg))
     try:
         return trainer.fit()
     finally:
