@@ -51,12 +51,18 @@ class DPOLoss:
         self.policy: nn.Module | None = None  # the model whose adapters are switched off for the reference
 
     @staticmethod
-    def count(batch: Batch) -> int:
-        return len(batch.inputs) // 2
+    def real_pairs(batch: Batch) -> Tensor:
+        """Which pairs are data: a batch padded to a fixed shape ends in pairs with nothing to learn."""
+        return (batch.targets[:len(batch.inputs) // 2] != IGNORE).any(dim=-1)
+
+    def count(self, batch: Batch) -> int:
+        return int(self.real_pairs(batch).sum())
 
     def loss(self, forward, batch: Batch) -> tuple[Tensor, dict]:
         policy = sequence_logps(forward(batch), batch.targets)
         with torch.no_grad(), adapters_disabled(self.policy):
             reference = sequence_logps(forward(batch), batch.targets)
-        loss, stats = dpo_loss(*policy.chunk(2), *reference.chunk(2), beta=self.beta)
-        return loss * self.count(batch), {k: v.sum() for k, v in stats.items()}
+        real = self.real_pairs(batch)
+        pairs = [half[real] for half in (*policy.chunk(2), *reference.chunk(2))]
+        loss, stats = dpo_loss(*pairs, beta=self.beta)
+        return loss * int(real.sum()), {k: v.sum() for k, v in stats.items()}

@@ -103,11 +103,15 @@ class Finetuning:
         return (b for _, b in zip(range(self.cfg.eval.steps * self.layout.grad_accum), batches))
 
     def collate(self, rows) -> Batch:
-        if self.dpo:  # chosen rows, then the rejected rows of the same pairs
-            rows = [as_row(p.chosen) for p in rows] + [as_row(p.rejected) for p in rows]
-        n_rows = self.n_rows * (2 if self.dpo else 1) if self.n_rows else None
-        inputs, targets, positions = collate(rows, self.tokenizer.pad_id, self.length, n_rows)
-        return Batch(inputs, targets, positions, sum(len(r.tokens) - 1 for r in rows))
+        if not self.dpo:
+            inputs, targets, positions = collate(rows, self.tokenizer.pad_id, self.length, self.n_rows)
+            return Batch(inputs, targets, positions, sum(len(r.tokens) - 1 for r in rows))
+        # The chosen rows, then the rejected rows of the same pairs, each half padded alike.
+        halves = [[as_row(p.chosen) for p in rows], [as_row(p.rejected) for p in rows]]
+        length = self.length or max(len(r.tokens) for half in halves for r in half)
+        inputs, targets, positions = (torch.cat(t) for t in zip(*(
+            collate(half, self.tokenizer.pad_id, length, self.n_rows) for half in halves)))
+        return Batch(inputs, targets, positions, sum(len(r.tokens) - 1 for half in halves for r in half))
 
     def flops_per_token(self, seq_len: float) -> float:
         """A frozen base computes no weight gradients (metrics.flops_per_token); DPO adds the reference's forward."""
