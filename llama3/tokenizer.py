@@ -20,15 +20,19 @@ import json
 import re
 from collections.abc import Collection, Sequence
 from collections.abc import Set as AbstractSet
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Literal
 
 import jinja2
+import jinja2.meta
 import numpy as np
 import tiktoken
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .tools import (BUILTIN_TOOLS, PYTHON_TAG, call_arguments, generic_tool_messages, llama31_call_text,
+                    llama31_system_prompt, llama31_tools_message, tool_function)
 
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -39,12 +43,14 @@ GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 # between. In one pattern: a digit is its own match, and a run of whitespace may also end where a digit begins.
 DIGITS_GPT2_PATTERN = r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
 
-# `tokenizer.ggml.pre` names, as llama.cpp spells them, of the pre-tokenizers we support.
+# `tokenizer.ggml.pre` names, as llama.cpp spells them, of the pre-tokenizers we support, and those for which
+# llama.cpp adds the bos token when the file has no `tokenizer.ggml.add_bos_token`.
 GGUF_PRE_TOKENIZERS = {
     **dict.fromkeys(["llama-bpe", "llama3", "llama-v3"], LLAMA3_PATTERN),
     **dict.fromkeys(["gpt2", "gpt-2"], GPT2_PATTERN),
     **dict.fromkeys(["smollm", "starcoder", "refact", "codeshell"], DIGITS_GPT2_PATTERN),
 }
+GGUF_PRE_TOKENIZERS_ADDING_BOS = {"llama-bpe", "llama3", "llama-v3"}
 
 LLAMA3_SPECIAL_TOKENS = [
     "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
@@ -53,9 +59,10 @@ LLAMA3_SPECIAL_TOKENS = [
 ]  # fmt: skip
 LLAMA3_SPECIAL_TOKENS += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(LLAMA3_SPECIAL_TOKENS))]
 
-# Meta's limits: encode at most 400k characters at a time, and cut runs of whitespace or non-whitespace every 25k
-# characters, since tiktoken's regex runs out of backtracking stack on long runs (openai/tiktoken#195). The run cut
-# is needed by every tiktoken encoding; the 400k cut only by the Llama 3 tokenizer, to give Meta's ids exactly.
+# Meta's tokenizer encodes at most 400k characters at a time and cuts runs of whitespace or non-whitespace every 25k
+# characters (for tiktoken's old regex engine, openai/tiktoken#195). The cuts change ids, so only the Llama 3
+# tokenizer makes them, to give Meta's ids exactly; byte-level BPE tokenizers from GGUF / tokenizer.json encode the
+# text whole, as Hugging Face tokenizers and llama.cpp do.
 MAX_ENCODE_CHARS = 400_000
 MAX_RUN_CHARS = 25_000
 _LONG_RUN = re.compile(rf"(?<!\S)\S{{{MAX_RUN_CHARS + 1},}}|(?<!\s)\s{{{MAX_RUN_CHARS + 1},}}")
@@ -88,7 +95,6 @@ class _TiktokenBase:
     rank_to_id: np.ndarray | None = None
     special_tokens: dict[str, int]  # matched only when allowed_special allows
     always_matched: frozenset[str] = frozenset()  # added tokens that are not special: matched wherever they occur
-    chunk_chars = 1 << 62  # no chunks
     bos_id: int | None
     eos_id: int | None
 
@@ -105,7 +111,7 @@ class _TiktokenBase:
         disallowed = set(self.special_tokens) - allowed if disallowed_special == "all" else set(disallowed_special)
         allowed |= self.always_matched
         ranks = []
-        for piece in _pieces(text, self.chunk_chars):
+        for piece in self._chunks(text):
             ranks += self.encoding.encode(piece, allowed_special=allowed, disallowed_special=disallowed)
         ids = ranks
         if self.rank_to_id is not None:
@@ -116,6 +122,9 @@ class _TiktokenBase:
         if (bos and self.bos_id is None) or (eos and self.eos_id is None):
             raise TokenizerError("this tokenizer has no beginning/end-of-text token to add")
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def _chunks(self, text: str):
+        return (text,)
 
     @property
     def bos_token(self) -> str:
@@ -134,7 +143,6 @@ class Tokenizer(_TiktokenBase):
 
     add_bos = True
     chat_template = None
-    chunk_chars = MAX_ENCODE_CHARS
 
     def __init__(self, model_path: str | Path | None = None):
         if model_path is None:
@@ -163,6 +171,9 @@ class Tokenizer(_TiktokenBase):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.encoding.decode([int(i) for i in ids])
+
+    def _chunks(self, text: str):
+        return _pieces(text, MAX_ENCODE_CHARS)
 
 
 def load_tiktoken_ranks(data: bytes, name: str) -> dict[bytes, int]:
@@ -324,7 +335,7 @@ class BPETokenizer(_TiktokenBase):
             bos_id=field("tokenizer.ggml.bos_token_id", None),
             eos_id=eos_id,
             pad_id=field("tokenizer.ggml.padding_token_id", None),
-            add_bos=bool(field("tokenizer.ggml.add_bos_token", False)),
+            add_bos=bool(field("tokenizer.ggml.add_bos_token", pre in GGUF_PRE_TOKENIZERS_ADDING_BOS)),
             chat_template=field("tokenizer.chat_template", None),
             source=where,
         )
@@ -431,7 +442,12 @@ class ChatFormat:
     """Meta's Llama 3 dialog encoding:
     `<|begin_of_text|>` + per message `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>`,
     then an open assistant header for the model to complete. Content is encoded as given, as Meta's
-    `llama_models` does (Hugging Face's template strips it)."""
+    `llama_models` does (Hugging Face's template strips it).
+
+    With tools (OpenAI function definitions), Llama 3.1's tool format (llama3/tools.py): the system prompt names
+    the environment and built-in tools, custom tools go into the first user message, an assistant message with
+    tool calls carries them as the model writes them and ends in `<|eom_id|>`, and "tool" messages are sent as
+    `ipython`. The ids equal those of Meta's ChatFormat for the same messages."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
@@ -444,21 +460,49 @@ class ChatFormat:
         return [self.start_header_id, *role_ids, self.end_header_id, *self.tokenizer.encode("\n\n")]
 
     def encode_message(self, message: dict) -> list[int]:
-        content = message["content"]
+        content = message.get("content") or ""
         if not isinstance(content, str):
             raise TokenizerError(f"message content must be a string, got {type(content).__name__}")
-        return self.encode_header(message) + self.tokenizer.encode(content) + [self.tokenizer.eot_id]
+        calls = message.get("tool_calls") or [] if message["role"] == "assistant" else []
+        ids = self.encode_header(message)
+        if calls and calls[0]["function"]["name"] == "code_interpreter":
+            ids.append(self.tokenizer.special_tokens[PYTHON_TAG])
+        ids += self.tokenizer.encode(content)
+        for call in calls:  # Meta's encoder writes several calls one after the other
+            ids += self.tokenizer.encode(llama31_call_text(call))
+        return ids + [self.tokenizer.eom_id if calls else self.tokenizer.eot_id]  # eom: the calls were pending
 
-    def encode_dialog_prompt(self, messages: Sequence[dict]) -> list[int]:
+    def encode_dialog_prompt(self, messages: Sequence[dict], tools: Sequence[dict] | None = None,
+                             today: date | None = None) -> list[int]:
+        """`today` dates a tool-using system prompt (default: today)."""
+        if tools:
+            messages = self.with_tools(messages, tools, today)
         ids = [self.tokenizer.bos_id]
         for message in messages:
             ids += self.encode_message(message)
         return ids + self.encode_header({"role": "assistant"})
 
+    @staticmethod
+    def with_tools(messages: Sequence[dict], tool_list: Sequence[dict], today: date | None = None) -> list[dict]:
+        """The dialog with Llama 3.1's tool prompts put in: the system prompt and the first user message."""
+        messages = list(messages)
+        system = messages.pop(0)["content"] if messages and messages[0]["role"] == "system" else None
+        messages.insert(0, {"role": "system", "content": llama31_system_prompt(system, list(tool_list), today)})
+        custom = [t for t in tool_list if tool_function(t)["name"] not in BUILTIN_TOOLS]
+        first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+        if custom and first_user is not None:
+            m = messages[first_user]
+            messages[first_user] = {**m, "content": llama31_tools_message(custom, m.get("content") or "")}
+        return messages
+
 
 class TemplateChatFormat:
     """A Jinja chat template (as shipped in GGUF metadata or tokenizer_config.json), rendered with the settings
-    Hugging Face transformers uses, then encoded with special tokens allowed."""
+    Hugging Face transformers uses, then encoded with special tokens allowed.
+
+    Tools go to the template as `tools` and earlier calls' arguments as dicts, as transformers'
+    `apply_chat_template` passes them; a template that never mentions `tools` gets them described in the system
+    message instead (llama3/tools.py), or it would not know they exist."""
 
     def __init__(self, tokenizer, template: str, bos_token: str = "", eos_token: str = ""):
         self.tokenizer, self.bos_token, self.eos_token = tokenizer, bos_token, eos_token
@@ -468,13 +512,22 @@ class TemplateChatFormat:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
             self.template = env.from_string(template)
+            self.knows_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(template))
         except jinja2.TemplateSyntaxError as e:
             raise TokenizerError(f"chat template, line {e.lineno}: {e.message}") from None
 
-    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+               tools: Sequence[dict] | None = None) -> str:
+        if self.knows_tools:
+            messages = [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": call_arguments(c)}}
+                                             for c in m["tool_calls"]]} if m.get("tool_calls") else m
+                        for m in messages]
+        else:
+            messages, tools = generic_tool_messages(list(messages), tools), None
         try:
             return self.template.render(
                 messages=list(messages),
+                tools=list(tools) if tools else None,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
@@ -482,8 +535,8 @@ class TemplateChatFormat:
         except jinja2.TemplateError as e:
             raise TokenizerError(f"chat template: {e}") from None
 
-    def encode_dialog_prompt(self, messages: Sequence[dict]) -> list[int]:
-        return self.tokenizer.encode(self.render(messages), allowed_special="all")
+    def encode_dialog_prompt(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[int]:
+        return self.tokenizer.encode(self.render(messages, tools=tools), allowed_special="all")
 
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:

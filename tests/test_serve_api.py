@@ -234,8 +234,9 @@ BAD_REQUESTS = {
     "prompt + max_tokens over the context": ("/v1/completions", body(prompt="hello " * 300, max_tokens=300), 400),
     "empty prompt list": ("/v1/completions", body(prompt=[]), 400),
     "token id out of range": ("/v1/completions", body(prompt=[1, 2, 10**6]), 400),
-    "unsupported logprobs": ("/v1/completions", body(prompt="a", logprobs=3), 400),
-    "unsupported tools": ("/v1/chat/completions", body(messages=MSG, tools=[{"type": "function"}]), 400),
+    "unsupported logit_bias": ("/v1/completions", body(prompt="a", logit_bias={"1": 5}), 400),
+    "logprobs out of range": ("/v1/completions", body(prompt="a", logprobs=21), 400),
+    "tool without a function": ("/v1/chat/completions", body(messages=MSG, tools=[{"type": "function"}]), 400),
     "oversized body": ("/v1/completions", body(prompt="a" * 100_000), 413),
 }
 

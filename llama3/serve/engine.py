@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..generate import SamplingParams, TextStream, make_generator, sample
+from ..generate import SamplingParams, TextStream, TokenLogprob, adjust_logits, make_generator, sample, token_logprobs
 from ..model import KVCache, Transformer
 from .metrics import ServeMetrics
 
@@ -46,19 +46,25 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # the step's token, when the request asked for logprobs
+    prompt_logprobs: list[TokenLogprob] | None = None  # on the first output: the prompt's (the first one's is None)
 
 
 class Request:
     """One completion: a tokenized prompt, how to sample it, and where its outputs go.
 
-    `emit` is called from the engine thread with every `Output`; it must not block.
+    `emit` is called from the engine thread with every `Output`; it must not block. `constraint` (a
+    llama3.constrain.Constraint) masks the logits to what its grammar allows; `logprobs` (0-20) asks for each
+    generated token's log-probability and that many alternatives, `prompt_logprobs` for the prompt's tokens too
+    (then max_tokens may be 0: score the prompt, generate nothing).
     """
 
     def __init__(self, prompt: list[int], *, max_tokens: int, emit: Callable[[Output], None],
-                 params: SamplingParams | None = None, stop: Iterable[str] = (), ignore_eos: bool = False):
+                 params: SamplingParams | None = None, stop: Iterable[str] = (), ignore_eos: bool = False,
+                 constraint=None, logprobs: int | None = None, prompt_logprobs: bool = False):
         if not prompt:
             raise ValueError("the prompt needs at least one token")
-        if max_tokens < 1:
+        if max_tokens < (0 if prompt_logprobs else 1):
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         self.prompt = list(prompt)
         self.max_tokens = max_tokens
@@ -66,6 +72,11 @@ class Request:
         self.params = params or SamplingParams()
         self.stop = list(stop)
         self.ignore_eos = ignore_eos
+        self.constraint = constraint
+        self.logprobs = logprobs
+        # The prompt's first token has nothing before it: no logprob.
+        self.prompt_logprobs = [TokenLogprob(self.prompt[0], None, [])] if prompt_logprobs else None
+        self.step_logprob: TokenLogprob | None = None
         self.cancelled = False  # set by any thread, read by the engine thread
         # Engine-side state.
         self.prefilled = 0  # prompt tokens already in the prefill cache
@@ -251,8 +262,17 @@ class Engine:
         positions = torch.arange(start, start + tokens.shape[1]).expand_as(tokens)
         last = torch.tensor([len(c) - 1 for c in chunks])
         cache = self.long_prefill_cache if len(group) == 1 else self.group_prefill_cache
+        scoring = any(r.prompt_logprobs is not None for r in group)  # every position's logits, not just the last
         logits = self.model(tokens.to(self.device), positions.to(self.device), cache,
-                            logits_index=last.to(self.device))[:, -1]  # (k, vocab)
+                            logits_index=None if scoring else last.to(self.device))  # (k, T or 1, vocab)
+        if scoring:
+            for i, (req, c) in enumerate(zip(group, chunks)):
+                targets = req.prompt[start + 1:start + len(c) + 1]  # each position predicts the next prompt token
+                if req.prompt_logprobs is not None and targets:
+                    scores = torch.log_softmax(logits[i, :len(targets)].float(), dim=-1)
+                    req.prompt_logprobs += token_logprobs(scores, targets, req.logprobs or 0)
+            logits = logits[torch.arange(len(group)), last.to(self.device)][:, None]
+        logits = logits[:, -1]  # (k, vocab)
         for req, c in zip(group, chunks):
             req.prefilled += len(c)
         if group[0].prefilled < len(group[0].prompt):
@@ -271,30 +291,52 @@ class Engine:
                 self._release(first_row + i)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
-        ids = logits.argmax(dim=-1).tolist()  # greedy rows in one go; sampled rows one by one with their own settings
+        """The one place a batch's logits (B, vocab) become tokens: each request's penalties and grammar mask, then
+        its greedy or seeded choice; requests that asked for logprobs get the chosen token's under the model's own
+        distribution (before penalties and masks, as OpenAI reports them)."""
+        adjusted = logits
+        for i, req in enumerate(requests):
+            row = logits[i]
+            new = adjust_logits(row, req.params, req.stream.ids, req.constraint)
+            if new is not row:
+                adjusted = logits.clone() if adjusted is logits else adjusted
+                adjusted[i] = new
+        ids = adjusted.argmax(dim=-1).tolist()  # greedy rows in one go; sampled rows one by one with their settings
         for i, req in enumerate(requests):
             if req.params.temperature > 0:
-                ids[i] = int(sample(logits[i:i + 1], req.params, req.generator)[0])
+                ids[i] = int(sample(adjusted[i:i + 1], req.params, req.generator)[0])
+            if req.logprobs is not None:
+                scores = torch.log_softmax(logits[i:i + 1].float(), dim=-1)
+                req.step_logprob = token_logprobs(scores, [ids[i]], req.logprobs)[0]
         return ids
 
     def _accept(self, req: Request, token: int) -> bool:
         """Take one sampled token: emit its text, and finish the request when it is done. True when finished."""
+        if req.max_tokens == 0:  # only the prompt's logprobs were wanted
+            return self._finish(req, "", "length")
         req.completion_tokens += 1
         req.last_token = token
         self.metrics.generation_tokens.inc()
         if token in self.stop_ids and not req.ignore_eos:  # end of turn: not part of the text
             return self._finish(req, req.stream.finish(), "stop")
+        if req.constraint is not None:
+            try:
+                req.constraint.accept(token)
+            except ValueError as e:  # the grammar engine failed this request: the others go on
+                self._fail(req, f"constrained decoding failed: {e}")
+                return True
+        logprobs = None if req.step_logprob is None else [req.step_logprob]
         text = req.stream.push(token)
         if req.stream.stopped:
-            return self._finish(req, text, "stop")
+            return self._finish(req, text, "stop", logprobs)
         if req.completion_tokens >= req.max_tokens:
-            return self._finish(req, text + req.stream.finish(), "length")
-        self._emit(req, Output(text))
+            return self._finish(req, text + req.stream.finish(), "length", logprobs)
+        self._emit(req, Output(text, logprobs=logprobs))
         return False
 
-    def _finish(self, req: Request, text: str, reason: str) -> bool:
+    def _finish(self, req: Request, text: str, reason: str, logprobs: list[TokenLogprob] | None = None) -> bool:
         req.finished = True
-        self._emit(req, Output(text, reason, len(req.prompt), req.completion_tokens))
+        self._emit(req, Output(text, reason, len(req.prompt), req.completion_tokens, logprobs=logprobs))
         return True
 
     def _fail(self, req: Request, message: str) -> None:
@@ -303,6 +345,8 @@ class Engine:
             self._emit(req, Output("", "error", len(req.prompt), req.completion_tokens, error=message))
 
     def _emit(self, req: Request, out: Output) -> None:
+        if req.prompt_logprobs is not None:  # sent once, with the first output
+            out.prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None
         try:
             req.emit(out)
         except Exception:  # the listener is gone (e.g. its event loop closed): stop working for it

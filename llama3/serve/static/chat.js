@@ -121,6 +121,9 @@ async function send(text) {
         stream: true,
         temperature: Number($("temperature").value),
         max_tokens: Number($("max-tokens").value),
+        frequency_penalty: Number($("frequency-penalty").value),
+        presence_penalty: Number($("presence-penalty").value),
+        repeat_penalty: Number($("repeat-penalty").value),
       }),
     });
     if (!response.ok) throw new Error(await errorMessage(response));
