@@ -115,22 +115,6 @@ def projection_plan(block: nn.Module, name: str) -> dict:
     return {f"{name}.base": base, f"{name}.lora_a": adapter[0], f"{name}.lora_b": adapter[1]}
 
 
-def projection_plan(block: nn.Module, name: str) -> dict:
-    """Column-wise for the projections out of the residual stream, row-wise (reduce-scattered over the sequence)
-    for those back into it. A LoRA-wrapped projection (base, lora_a, lora_b) is split so that the adapter's output
-    B A x comes out laid out as the base's W x: column-wise, A's small (rank) output is gathered and B is split
-    like W; row-wise, A is row-wise and reduce-scattered like W, and B runs replicated on each sequence shard."""
-    rowwise = name.endswith((".wo", ".w2"))
-    base = RowwiseParallel(output_layouts=Shard(1)) if rowwise else ColwiseParallel()
-    if not hasattr(block.get_submodule(name), "lora_a"):
-        return {name: base}
-    if rowwise:
-        adapter = (RowwiseParallel(output_layouts=Shard(1)), SequenceParallel(use_local_output=True))
-    else:
-        adapter = (ColwiseParallel(output_layouts=Replicate()), ColwiseParallel())
-    return {f"{name}.base": base, f"{name}.lora_a": adapter[0], f"{name}.lora_b": adapter[1]}
-
-
 # Selective activation checkpointing keeps what is expensive to recompute (matmuls, attention, TP collectives) and
 # recomputes the rest (norms, RoPE, SwiGLU's element-wise products), which is most of the activation memory.
 _SAVE_OPS = {
