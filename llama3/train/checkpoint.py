@@ -247,6 +247,10 @@ class Checkpointer:
             except CheckpointMismatch:  # a valid checkpoint of another configuration: not corrupt, not ours to skip
                 raise
             except (Exception, CheckpointException) as e:  # e.g. a file DCP cannot parse despite its checksum
+                if "Missing key in checkpoint" in _first_line(e):  # intact, but holds other state than this run's
+                    raise CheckpointMismatch(
+                        f"{self.path(step)}: this checkpoint cannot be continued by this version or configuration "
+                        f"({_first_line(e)}); start a new run directory or set checkpoint.resume=false") from None
                 self._quarantine(step, f"load failed: {_first_line(e)}")
 
     def _load(self, path: Path) -> None:

@@ -232,6 +232,8 @@ class Trainer:
 
         self.step = 0
         self.losses: list[float] = []  # of the steps this process ran
+        self.output: Path | None = None  # what the task exported
+        self.peak_mem_gib, self.timed_tokens, self.timed_s = 0.0, 0.0, 0.0
         self.val_losses: list[tuple[int, float]] = []  # (step, validation loss)
         self.injector = FaultInjector(cfg.faults.inject, self.run_dir, self.rank)
         self.guard = LossGuard(cfg.faults.spike_zscore, cfg.faults.spike_window)
@@ -450,6 +452,9 @@ class Trainer:
 
     def log_step(self, record: dict, elapsed: float) -> None:
         tokens, rows = record.pop("tokens"), record.pop("rows")
+        self.peak_mem_gib = peak_memory_gib(self.device)
+        if len(self.losses) > 1:  # the first step pays for warm-up
+            self.timed_tokens, self.timed_s = self.timed_tokens + tokens, self.timed_s + elapsed
         if self.writer is None or not (self.step % self.cfg.training.log_every == 0 or self.step == 1):
             return
         flops = self.task.flops_per_token(tokens / rows) * tokens / elapsed / self.world_size
@@ -457,8 +462,12 @@ class Trainer:
             "step": self.step, **record, "tokens_per_s": tokens / elapsed,
             "tokens_per_s_per_device": tokens / elapsed / self.world_size,
             "tflops_per_device": flops / 1e12, "mfu": flops / self.peak_flops,
-            "peak_mem_gib": peak_memory_gib(self.device), "step_time_s": elapsed,
+            "peak_mem_gib": self.peak_mem_gib, "step_time_s": elapsed,
             "tokens_seen": self.step * tokens})
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.timed_tokens / self.timed_s if self.timed_s else 0.0
 
     def log_validation(self) -> None:
         val = self.validate()
