@@ -11,7 +11,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -29,7 +28,8 @@ from .checkpoint import (CheckpointMismatch, Checkpointer, ModelState, Optimizer
                          full_model_state_dict, is_rank0)
 from .config import ConfigError, OptimConfig, TrainConfig, resolve_layout
 from .data import build_loader, data_tokenizer, dataset_dir, document_mask
-from .faults import FaultInjector, LossGuard, Watchdog, replica_mismatch
+from .events import EventLog, restart_faults
+from .faults import HANG_EXIT_CODE, FaultInjector, LossGuard, replica_mismatch, start_watchdog
 from .goodput import Goodput
 from .metrics import MetricsWriter, flops_per_token, measure_peak_flops, peak_memory_gib, plot_losses, synchronize
 from .parallelize import build_mesh, parallelize
@@ -131,12 +131,21 @@ def create_run_dir(name: str, config: dict, distributed: bool) -> Path:
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self.events: EventLog | None = None  # the fault record, once the run directory exists
+        self.watchdog = start_watchdog(cfg.faults, cfg.run.dir, on_fire=self.record_hang)
+        self.beat("rendezvous and process group creation", startup=True)
         self.device, self.distributed = init_distributed(cfg.run.device)
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.layout = layout = resolve_layout(cfg, self.world_size)
         self.mesh = build_mesh(layout, self.device.type) if self.distributed else None
         self.dtype = self.resolve_dtype()
         self.run_dir = self.make_run_dir()
+        self.events = EventLog(self.run_dir, dist.get_rank() if self.distributed else 0)
+        previous = self.events.previous_statuses() if is_rank0() else []
+        if self.distributed:  # rank 0 has read the previous start's statuses before anyone overwrites them
+            broadcast_object(None)
+            self.events.record_termination()
+        self.beat("model build", startup=True)
         self.args: ModelArgs = cfg.model_args()
         self.pipelined = layout.pp > 1
 
@@ -177,17 +186,17 @@ class Trainer:
         self.guard = LossGuard(cfg.faults.spike_zscore, cfg.faults.spike_window)
         self.skip_steps = set(cfg.faults.skip_steps) | self.read_skip_steps()
         self.goodput = Goodput(self.run_dir, write=is_rank0())
-        self.watchdog = None
-        if cfg.faults.watchdog_timeout_s > 0:  # from here on: a hung checkpoint load is caught as well
-            self.watchdog = Watchdog(cfg.faults.watchdog_timeout_s, self.run_dir / f"hang-rank{self.rank}.txt")
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", {
             "model": ModelState(self.parts),
             "optimizer": OptimizerState(self.parts, self.optimizers),
             "progress": _Progress(self),
             "rng": RNGState(self.rank)}, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
-            log=self.log)
+            log=self.events.note)
+        restarted = restart_faults(self.events, previous, self.world_size) if is_rank0() else []
+        self.beat("checkpoint load", startup=True)
         if cfg.checkpoint.enabled and cfg.checkpoint.resume:
             self.step = self.checkpointer.load_latest() or 0
+        self.record_start(restarted)
 
         self.flops_per_token = flops_per_token(self.args, cfg.data.seq_len)
         if cfg.metrics.peak_tflops:
@@ -357,7 +366,7 @@ class Trainer:
         last_save = time.monotonic()
         while self.step < cfg.training.steps:
             step = self.step + 1
-            self.beat(f"step {step}")
+            self.beat(f"step {step}", step=step)
             self.injector.before_step(step, self)
             if step in self.skip_steps:
                 self.skip_batch()
@@ -371,12 +380,16 @@ class Trainer:
             elapsed = time.perf_counter() - start
             self.step = step
             if problem is not None:
-                self.log(f"step {step}: {problem}; step skipped ({self.guard.bad_in_a_row} in a row)")
+                self.events.fault("non_finite" if problem.startswith("non-finite") else "loss_spike",
+                                  f"step {step}: {problem}", step=step, rank="all")
+                self.events.action("skip_step", f"step {step} skipped ({self.guard.bad_in_a_row} in a row)",
+                                   step=step)
                 self.add_skip_steps([step])
                 if self.guard.bad_in_a_row >= cfg.faults.max_bad_steps:
                     self.rollback(f"{self.guard.bad_in_a_row} bad steps in a row")
                 continue
             self.goodput.add_step(elapsed)
+            self.events.productive(self.step)
             losses.append(loss)
             if self.writer is not None and (self.step % cfg.training.log_every == 0 or self.step == 1):
                 flops = self.flops_per_token * tokens_per_step / elapsed / self.world_size
@@ -409,9 +422,12 @@ class Trainer:
         if cfg.checkpoint.export:
             self.export(self.run_dir / "model")
         summary = self.goodput.summary(self.checkpointer.stall_s)
-        self.log(f"goodput {summary['goodput']:.1%}: {summary['productive_s']:.1f}s of productive steps in "
-                 f"{summary['wall_s']:.1f}s wall time, {summary['restarts']} restart(s), {summary['rollbacks']} "
-                 f"rollback(s), {self.checkpointer.stall_s:.2f}s blocked on checkpoints since the last start")
+        self.events.write(
+            "end", f"goodput {summary['goodput']:.1%}: {summary['productive_s']:.1f}s of productive steps in "
+            f"{summary['wall_s']:.1f}s wall time, {summary['restarts']} restart(s), {summary['rollbacks']} "
+            f"rollback(s), {self.checkpointer.stall_s:.2f}s blocked on checkpoints since the last start",
+            step=self.step, goodput=summary["goodput"], wall_s=summary["wall_s"])
+        self.events.set_status("done")
         if self.watchdog is not None:
             self.watchdog.stop()
         if self.writer is not None:
@@ -423,15 +439,37 @@ class Trainer:
     # ---- recovery ------------------------------------------------------------------------------------------------
 
     def log(self, message: str) -> None:
-        """Reliability events: on rank 0's stderr and in <run dir>/events.log."""
-        if is_rank0():
-            print(message, file=sys.stderr, flush=True)
-            with open(self.run_dir / "events.log", "a") as f:
-                f.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} {message}\n")
+        """Reliability events: on rank 0's stderr and in <run dir>/events.log (events.py)."""
+        self.events.note(message)
 
-    def beat(self, what: str) -> None:
+    def beat(self, what: str, step: int | None = None, startup: bool = False) -> None:
+        """Progress: the watchdog's heartbeat (start-up phases have their own budget) and this rank's status."""
         if self.watchdog is not None:
-            self.watchdog.beat(what)
+            f = self.cfg.faults
+            self.watchdog.beat(what, f.startup_timeout_s if startup else f.watchdog_timeout_s)
+        if self.events is not None:
+            self.events.set_status("running", step, what)
+
+    def record_hang(self, message: str, waited_s: float, what: str) -> None:
+        """The watchdog fired (its thread): each hung rank records itself, since rank 0 may be the one stuck."""
+        events = self.events or EventLog(Path(self.cfg.run.dir or "."), int(os.environ.get("RANK", 0)))
+        events.set_status("hang", what=what)
+        events.fault("hang", message, everyone=True, at=time.time() - waited_s, phase=what)
+        events.write("action", f"rank {events.rank} exits with code {HANG_EXIT_CODE} for the launcher to restart "
+                     "the job", everyone=True, kind="exit", code=HANG_EXIT_CODE)
+
+    def record_start(self, restarted: list[dict]) -> None:
+        """The start line: which attempt, on which hosts, resumed from which checkpoint (or fresh)."""
+        hosts = gather_all(self.events.host) if self.distributed else [self.events.host]
+        resumed = f"step-{self.step:08d}" if self.step else "fresh"
+        attempt = self.goodput.record.get("starts", 1) - 1
+        if restarted:
+            self.events.action("restart", f"the job restarted (attempt {attempt}) and resumes from {resumed}",
+                               attempt=attempt, resumed=resumed)
+        self.events.write("start", f"start {attempt}: {self.world_size} process(es) on "
+                          f"{len(set(hosts))} host(s), resuming from {resumed}", attempt=attempt,
+                          world=self.world_size, hosts=",".join(sorted(set(hosts))), resumed=resumed,
+                          launcher_restart=os.environ.get("TORCHELASTIC_RESTART_COUNT"))
 
     def minutes_passed(self, since: float, minutes: float) -> bool:
         """Whether a time-based checkpoint is due; rank 0's clock decides for everyone."""
@@ -462,7 +500,8 @@ class Trainer:
         self.step = step
         self.guard.reset()
         self.goodput.rollback()
-        self.log(f"step {failed_at}: {reason}; rolled back to the checkpoint of step {step}")
+        self.events.action("rollback", f"step {failed_at}: {reason}; rolled back to the checkpoint of step {step}",
+                           step=failed_at, to=f"step-{step:08d}")
 
     def replica_group(self):
         if self.mesh is None or self.layout.dp_replicate < 2:
@@ -476,6 +515,8 @@ class Trainer:
             bad = [r for ranks in gather_all(bad) for r in ranks]
         if not bad:
             return False
+        self.events.fault("replica_mismatch", f"step {self.step}: replica parameter fingerprints differ",
+                          rank=",".join(map(str, sorted(set(bad)))))
         self.rollback(f"parameter fingerprints of data-parallel replicas differ (ranks {sorted(set(bad))})")
         return True
 
