@@ -31,6 +31,7 @@ from .data import build_loader, data_tokenizer, dataset_dir, document_mask
 from .events import EventLog, restart_faults
 from .faults import HANG_EXIT_CODE, FaultInjector, LossGuard, replica_mismatch, start_watchdog
 from .goodput import Goodput
+from .network import check_multihost_settings
 from .metrics import MetricsWriter, flops_per_token, measure_peak_flops, peak_memory_gib, plot_losses, synchronize
 from .parallelize import build_mesh, parallelize
 from .pipeline import build_pipeline
@@ -90,6 +91,7 @@ def init_distributed(device_choice: str) -> tuple[torch.device, bool]:
     if use_cuda:
         torch.cuda.set_device(device)
     if distributed and not dist.is_initialized():
+        check_multihost_settings(gloo=not use_cuda)
         store, rank, world_size = restart_scoped_store()
         if use_cuda:
             dist.init_process_group("nccl", device_id=device, store=store, rank=rank, world_size=world_size)
@@ -106,6 +108,8 @@ def restart_scoped_store() -> tuple[dist.Store, int, int]:
     agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                           is_master=not agent_hosts_it and rank == 0, timeout=timedelta(minutes=10))
+    if not agent_hosts_it:  # rank 0 hosts a fresh store for every attempt: nothing stale in it
+        return store, rank, world_size
     return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store), rank, world_size
 
 
