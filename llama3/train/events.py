@@ -31,6 +31,18 @@ from pathlib import Path
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 
 
+def process_age_s() -> float:
+    """Seconds since this process started (Linux /proc; 0 elsewhere): the interpreter start and the imports that
+    run before the trainer is built."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return time.time() - (boot + ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return 0.0
+
+
 def format_fields(fields: dict) -> str:
     out = []
     for key, value in fields.items():
@@ -134,12 +146,14 @@ class EventLog:
         tmp.write_text(json.dumps(status))
         tmp.replace(self.status_path)
 
-    def previous_statuses(self) -> list[dict]:
-        """The status files the previous start left (read before this start overwrites them)."""
+    def take_previous_statuses(self) -> list[dict]:
+        """The status files the previous start left, removed once read (rank 0, before any rank of this start
+        writes its own): a rank of an earlier, larger world must not be taken for one of the last start."""
         out = []
         for p in sorted(self.status_path.parent.glob("rank-*.json")):
             try:
                 out.append(json.loads(p.read_text()))
+                p.unlink()
             except (OSError, json.JSONDecodeError):
                 continue
         return out
@@ -169,7 +183,6 @@ def restart_faults(events: EventLog, previous: list[dict], world_size: int) -> l
     """The faults that ended the previous start, from its ranks' status files: ranks that died without a word,
     hung (their watchdog logged that already) or never reported. Logged as faults of this start, pending
     recovery."""
-    by_rank = {s["rank"]: s for s in previous}
     states = {s["state"] for s in previous}
     if not previous or states <= {"done"}:
         return []
@@ -184,9 +197,10 @@ def restart_faults(events: EventLog, previous: list[dict], world_size: int) -> l
         events.pending.append({"kind": "hang", "step": first["step"], "at": first["time"]})
     if not died and not hung and "stopped" in states:
         first = min(previous, key=lambda s: s["time"])
-        events.fault("job_stopped", "every rank was stopped from outside (SIGTERM)", step=first["step"],
-                     at=first["time"], rank="all", host=first["host"])
-    missing = sorted(set(range(world_size)) - set(by_rank))
-    if missing:
-        events.note(f"ranks {missing} left no status in the previous start")
+        if world_size > len(previous):  # torchrun's agents stop the job to let a returning host in
+            events.action("scale_up", f"the launcher stopped the job at step {first['step']} to take back a host "
+                          f"({len(previous)} -> {world_size} processes)", step=first["step"])
+        else:
+            events.fault("job_stopped", "every rank was stopped from outside (SIGTERM)", step=first["step"],
+                         at=first["time"], rank="all", host=first["host"])
     return died + hung

@@ -28,7 +28,7 @@ from .checkpoint import (CheckpointMismatch, Checkpointer, ModelState, Optimizer
                          full_model_state_dict, is_rank0)
 from .config import ConfigError, OptimConfig, TrainConfig, resolve_layout
 from .data import build_loader, data_tokenizer, dataset_dir, document_mask
-from .events import EventLog, restart_faults
+from .events import EventLog, process_age_s, restart_faults
 from .faults import HANG_EXIT_CODE, FaultInjector, LossGuard, replica_mismatch, start_watchdog
 from .goodput import Goodput
 from .network import check_multihost_settings
@@ -136,6 +136,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.events: EventLog | None = None  # the fault record, once the run directory exists
+        self.startup = {"imports": process_age_s()}  # the cold start, itemised in the start line
+        self.phase, self.phase_began = None, time.monotonic()
         self.watchdog = start_watchdog(cfg.faults, cfg.run.dir, on_fire=self.record_hang)
         self.beat("rendezvous and process group creation", startup=True)
         self.device, self.distributed = init_distributed(cfg.run.device)
@@ -145,7 +147,7 @@ class Trainer:
         self.dtype = self.resolve_dtype()
         self.run_dir = self.make_run_dir()
         self.events = EventLog(self.run_dir, dist.get_rank() if self.distributed else 0)
-        previous = self.events.previous_statuses() if is_rank0() else []
+        previous = self.events.take_previous_statuses() if is_rank0() else []
         if self.distributed:  # rank 0 has read the previous start's statuses before anyone overwrites them
             broadcast_object(None)
             self.events.record_termination()
@@ -451,6 +453,11 @@ class Trainer:
         if self.watchdog is not None:
             f = self.cfg.faults
             self.watchdog.beat(what, f.startup_timeout_s if startup else f.watchdog_timeout_s)
+        if self.phase_began is not None:  # time the start-up phase that just ended
+            now = time.monotonic()
+            if self.phase is not None:
+                self.startup[self.phase] = now - self.phase_began
+            self.phase, self.phase_began = (what.split()[0], now) if startup else (None, None)
         if self.events is not None:
             self.events.set_status("running", step, what)
 
@@ -470,10 +477,14 @@ class Trainer:
         if restarted:
             self.events.action("restart", f"the job restarted (attempt {attempt}) and resumes from {resumed}",
                                attempt=attempt, resumed=resumed)
+        self.beat("first step")  # ends the last start-up phase
+        phases = {k: round(v, 2) for k, v in self.startup.items()}
         self.events.write("start", f"start {attempt}: {self.world_size} process(es) on "
-                          f"{len(set(hosts))} host(s), resuming from {resumed}", attempt=attempt,
+                          f"{len(set(hosts))} host(s), resuming from {resumed}; start-up "
+                          + ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()), attempt=attempt,
                           world=self.world_size, hosts=",".join(sorted(set(hosts))), resumed=resumed,
-                          launcher_restart=os.environ.get("TORCHELASTIC_RESTART_COUNT"))
+                          launcher_restart=os.environ.get("TORCHELASTIC_RESTART_COUNT"),
+                          **{f"{k}_s": v for k, v in phases.items()})
 
     def minutes_passed(self, since: float, minutes: float) -> bool:
         """Whether a time-based checkpoint is due; rank 0's clock decides for everyone."""
