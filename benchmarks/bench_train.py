@@ -8,6 +8,7 @@ sensitive to other processes on a shared machine than the wall clock).
 
     python benchmarks/bench_train.py                        # batch 2 x 1024 tokens, 4 rounds
     python benchmarks/bench_train.py --batch 4 --seq-len 512 --rounds 6 --no-compile
+    python benchmarks/bench_train.py --batch 1 --seq-len 512 --rounds 3 --no-compile --both-linears  # oneDNN vs MKL
 
 MFU is against the best fp32 matmul rate measured between the steps over a few shapes, in MKL and in oneDNN
 (the practical peak of this CPU).
@@ -27,6 +28,7 @@ from llama3.args import ModelArgs
 from llama3.fast import onednn_linear
 from llama3.train.config import load_config
 from llama3.train.metrics import flops_per_token
+from llama3.train.pretrain import Pretraining
 from llama3.train.trainer import Trainer
 
 PRESET = "smollm2-135m"
@@ -53,14 +55,16 @@ def matmul_probe():
     return probe
 
 
-def our_step(batch: int, seq_len: int, compile: bool):
+def our_step(batch: int, seq_len: int, compile: bool, onednn_linears: bool | None = None):
     """One optimizer step of our trainer (synthetic data, no logging or checkpoints)."""
-    overrides = [f"model.preset={PRESET}", "data.dataset=synthetic", f"data.seq_len={seq_len}",
+    overrides = [] if onednn_linears is None else [f"training.onednn_linears={str(onednn_linears).lower()}"]
+    overrides += [f"model.preset={PRESET}", "data.dataset=synthetic", f"data.seq_len={seq_len}",
                  f"training.batch_size={batch}", f"training.compile={str(compile).lower()}",
                  "training.dtype=float32", "eval.every=-1", "checkpoint.enabled=false", "checkpoint.export=false",
                  "metrics.peak_tflops=1", "metrics.tensorboard=false", "metrics.plot=false",
                  f"run.dir={tempfile.mkdtemp(prefix='bench_train-')}"]
-    trainer = Trainer(load_config(None, overrides))
+    cfg = load_config(None, overrides)
+    trainer = Trainer(cfg, Pretraining(cfg))
     return lambda: trainer.train_step()
 
 
@@ -98,6 +102,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="timed steps per contestant")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="also time our trainer with training.compile=true")
+    parser.add_argument("--both-linears", action="store_true",
+                        help="time our trainer with oneDNN linears and with plain (MKL) ones, whatever this CPU's default")
     args = parser.parse_args()
 
     probe = matmul_probe()
@@ -105,6 +111,10 @@ def main() -> None:
     peaks = []
     contestants = {"hf transformers": hf_step(args.batch, args.seq_len),
                    "ours": our_step(args.batch, args.seq_len, compile=False)}
+    if args.both_linears:
+        contestants = {"hf transformers": contestants["hf transformers"],
+                       "ours, oneDNN linears": our_step(args.batch, args.seq_len, False, onednn_linears=True),
+                       "ours, MKL linears": our_step(args.batch, args.seq_len, False, onednn_linears=False)}
     if args.compile:
         contestants["ours, compiled"] = our_step(args.batch, args.seq_len, compile=True)
     for fn in contestants.values():  # warm-up: allocator, kernel choice, compilation
@@ -122,7 +132,8 @@ def main() -> None:
 
     tokens = args.batch * args.seq_len
     flops = flops_per_token(ModelArgs.preset(PRESET), args.seq_len) * tokens
-    print(f"\n{PRESET} shape, fp32, {torch.get_num_threads()} threads, {args.batch} x {args.seq_len} tokens per step; "
+    print(f"\ncpu capability {torch.backends.cpu.get_cpu_capability()}; {PRESET} shape, fp32, "
+          f"{torch.get_num_threads()} threads, {args.batch} x {args.seq_len} tokens per step; "
           f"fp32 matmul peak measured {peak / 1e9:.0f} GFLOP/s\n")
     print("| trainer | best tokens/s | median tokens/s | GFLOP/s (best) | MFU (best) | CPU-seconds per step (median) |")
     print("|---|---|---|---|---|---|")

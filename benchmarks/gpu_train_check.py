@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from llama3.train.config import load_config
+from llama3.train.pretrain import Pretraining
 from llama3.train.trainer import Trainer
 
 DATASHEET_BF16_TFLOPS = {"H100": 989.5, "H200": 989.5, "A100": 312.0, "B200": 2250.0}  # dense, no sparsity
@@ -51,7 +52,7 @@ def main(argv: list[str]) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="gpu_train_check-"))
     cfg = load_config(None, DEFAULTS + [f"run.dir={run_dir}"] + argv)
     start = time.perf_counter()
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, Pretraining(cfg))
     try:
         trainer.fit()
     finally:

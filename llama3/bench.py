@@ -52,8 +52,8 @@ def load_tokenizer(model: str):
     path = resolve(model)
     if detect_format(path) == "gguf":
         from .tokenizer import BPETokenizer
-        from .weights.gguf import open_reader
-        return BPETokenizer.from_gguf(open_reader(path if path.is_file() else sorted(path.glob("*.gguf"))[0]))
+        from .weights.gguf import GGUFFile
+        return BPETokenizer.from_gguf(GGUFFile(path if path.is_file() else sorted(path.glob("*.gguf"))[0]))
     tokenizer, _ = read_tokenizer(path)
     if tokenizer is None:
         raise WeightsError(f"{path}: no tokenizer found next to the weights")

@@ -35,7 +35,8 @@ def save_tokenizer(tokenizer, chat_template: str | None, path: Path, layout: str
 def save_checkpoint(path: Path, args: ModelArgs, state_dict: dict[str, Tensor], *, layout: str = "hf",
                     tokenizer=None, chat_template: str | None = None, shards: int = 1) -> None:
     if layout == "hf":
-        write_hf(path, args, state_dict)
+        write_hf(path, args, state_dict, bos_id=getattr(tokenizer, "bos_id", None),
+                 stop_ids=getattr(tokenizer, "stop_ids", ()))
     elif layout == "meta":
         write_meta(path, args, state_dict, n_shards=shards)
     else:

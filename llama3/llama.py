@@ -5,35 +5,24 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from unittest.mock import patch
 
 import torch
-from torch import nn
 
 from .args import ModelArgs
 from .generate import DecodeStep, SamplingParams, TextStream, generate_tokens
 from .hub import resolve
-from .model import Transformer
+from .model import Transformer, meta_model
 from .weights import Checkpoint, WeightsError, check_state_dict, read_checkpoint
-
-
-def meta_model(args: ModelArgs) -> Transformer:
-    """The model on the meta device: shapes only, no memory, to be filled with load_state_dict(assign=True).
-
-    nn.Embedding's default initialisation is skipped: normal_ has no meta kernel in torch 2.13, so it runs a Python
-    reference that first imports torch._dynamo, seconds spent on weights that are about to be replaced."""
-    with torch.device("meta"), patch.object(nn.Embedding, "reset_parameters", lambda self: None):
-        return Transformer(args)
 
 
 def build_model(ckpt: Checkpoint, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                 source: str = "") -> Transformer:
     """Create the model on the meta device and adopt the checkpoint's tensors, so no weights exist twice."""
     quantization = ckpt.metadata.get("quantization")
-    if quantization:  # portable quantized tensors (llama3/quantize.py): quantized modules, bf16 activations
-        from .quantize import COMPUTE_DTYPE, build_quantized_model
+    if quantization:  # portable quantized tensors (llama3/quantize.py): quantized modules
+        from .quantize import build_quantized_model
         return build_quantized_model(ckpt.args, ckpt.state_dict, group_size=quantization["group_size"],
-                                     device=device, dtype=dtype or COMPUTE_DTYPE)
+                                     device=device, dtype=dtype)
     model = meta_model(ckpt.args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if ckpt.args.tie_embeddings:
@@ -132,7 +121,11 @@ def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, devi
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     path = resolve(source)
-    ckpt = read_checkpoint(path, quantize, group_size)
+    if quantize:
+        from .quantize import quantize_checkpoint
+        ckpt = quantize_checkpoint(read_checkpoint(path, blocks=True), quantize, group_size)
+    else:
+        ckpt = read_checkpoint(path)
     if ckpt.tokenizer is None:
         raise WeightsError(f"{path}: no tokenizer found next to the weights")
     model = build_model(ckpt, dtype, device, str(path))

@@ -8,6 +8,7 @@ serving wrap this module from outside; nothing here knows about them.
 from __future__ import annotations
 
 import math
+from unittest.mock import patch
 
 import torch
 import torch.nn.functional as F
@@ -235,3 +236,12 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, std=std / math.sqrt(2 * self.args.n_layers))
             else:
                 nn.init.normal_(p, std=std)
+
+
+def meta_model(args: ModelArgs) -> Transformer:
+    """The model on the meta device: shapes only, no memory, to be filled with load_state_dict(assign=True).
+
+    nn.Embedding's default initialisation is skipped: normal_ has no meta kernel in torch 2.13, so it runs a Python
+    reference that first imports torch._dynamo, seconds spent on weights that are about to be replaced."""
+    with torch.device("meta"), patch.object(nn.Embedding, "reset_parameters", lambda self: None):
+        return Transformer(args)

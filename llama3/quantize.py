@@ -8,14 +8,21 @@ Schemes:
 In both, the embedding and output matrices stay 8-bit per row (llama.cpp's 4-bit files keep them at 8 bits too):
 they are the largest and most sensitive matrices, and with tied embeddings they are one tensor.
 
-On CPU the matmuls run in torch's own kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which are
-fast only with bf16 activations, so a quantized model computes in bf16 (RMSNorm and RoPE still in fp32). Other
-devices dequantize on the fly (exact, and fused by torch.compile).
+On CPU the matmuls of a few rows (decoding) run in torch's own kernels (`_weight_int8pack_mm`,
+`_weight_int4pack_mm_for_cpu`), which are fast only with bf16 activations. What the rest of the model computes in
+depends on the CPU (`compute_dtype`, measured with benchmarks/bench_cpu_kernels.py, see docs/PERFORMANCE.md):
+  AVX-512  bf16 activations everywhere (RMSNorm and RoPE still in fp32): its bf16 matmuls are fast.
+  AVX2     fp32 activations, as an fp32 model: bf16 matmuls and attention run ~40x slower than fp32 there. Decoding
+           rows are rounded to bf16 for the kernels (which beat the fp32 gemv: fewer bytes read); prompts
+           (more than DEQUANTIZE_ABOVE_ROWS rows) dequantize the weight to fp32 a tile of rows at a time and use
+           the fp32 matmul, so a quantized prompt runs at fp32 speed rather than bf16's.
+Other devices dequantize on the fly (exact, and fused by torch.compile).
 
 The portable form (what `quantize_state_dict` returns and `llama3 quantize` writes) is device-independent:
   int8 linear/embedding  NAME.weight int8 (out, in), NAME.scales bf16 (out,)
   int4 linear            NAME.weight uint8 (out, in/2): element 2i in the low nibble, 2i+1 in the high one;
-                         NAME.scales, NAME.zeros bf16 (out, in/group_size)
+                         NAME.scales, NAME.zeros (out, in/group_size): bf16 when quantized here, fp32 when
+                         repacked from GGUF 4-bit blocks (the file's values, rounded once only by the kernel's dtype)
   norms                  bf16
 Kernel-specific packing happens when a model is built for a device.
 """
@@ -29,16 +36,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import gguf.quants
+
 from .args import ModelArgs
-from .model import Transformer
+from .model import Transformer, meta_model
+from .weights import Checkpoint
+from .weights.gguf import GGUFTensor, dequantize
 
 SCHEMES = ("int8", "int4")
-COMPUTE_DTYPE = torch.bfloat16  # torch's CPU int8/int4 kernels are 10-40x slower with fp32 activations
+SCALE_DTYPE = torch.bfloat16  # portable scales, and the activations of torch's CPU int8/int4 kernels (10-40x slower
+#                               with fp32 activations)
+DEQUANTIZE_ABOVE_ROWS = 32  # AVX2: more rows than this dequantize to fp32 (measured crossover 16-64 rows)
 _ROWS_PER_CHUNK = 4096  # quantize big matrices a slice of rows at a time so fp32 temporaries stay small
+_TILE_WEIGHTS = 1 << 20  # weights per dequantized fp32 tile (4 MB: stays in cache for the matmul that reads it)
 
 
 class QuantizationError(ValueError):
     pass
+
+
+def fast_bf16_cpu() -> bool:
+    """Whether this CPU runs torch's bf16 matmuls fast: AVX-512 builds do (avx512_bf16 / VNNI on the CPUs we
+    measured); on AVX2-only CPUs they run ~40x slower than fp32."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def compute_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """The activation dtype of a quantized model on this device."""
+    return torch.float32 if torch.device(device).type == "cpu" and not fast_bf16_cpu() else torch.bfloat16
 
 
 # ---- the math -------------------------------------------------------------------------------------------------
@@ -46,19 +71,19 @@ class QuantizationError(ValueError):
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     """(out, in) float -> int8 weights and one scale per row (symmetric: w ~= q * scale)."""
     q = torch.empty(w.shape, dtype=torch.int8)
-    scales = torch.empty(w.shape[0], dtype=COMPUTE_DTYPE)
+    scales = torch.empty(w.shape[0], dtype=SCALE_DTYPE)
     for r in range(0, w.shape[0], _ROWS_PER_CHUNK):
         chunk = w[r:r + _ROWS_PER_CHUNK].float()
-        s = _round_up_to_compute_dtype(chunk.abs().amax(dim=1).clamp(min=1e-10) / 127)
+        s = _round_up_to_scale_dtype(chunk.abs().amax(dim=1).clamp(min=1e-10) / 127)
         q[r:r + _ROWS_PER_CHUNK] = torch.round(chunk / s.float()[:, None]).clamp_(-127, 127)
         scales[r:r + _ROWS_PER_CHUNK] = s
     return q, scales
 
 
-def _round_up_to_compute_dtype(x: Tensor) -> Tensor:
+def _round_up_to_scale_dtype(x: Tensor) -> Tensor:
     """The smallest bf16 >= x: rounding the scale down could push the largest weights past the end of the grid."""
-    y = x.to(COMPUTE_DTYPE)
-    return torch.where(y.float() < x, torch.nextafter(y, torch.tensor(float("inf"), dtype=COMPUTE_DTYPE)), y)
+    y = x.to(SCALE_DTYPE)
+    return torch.where(y.float() < x, torch.nextafter(y, torch.tensor(float("inf"), dtype=SCALE_DTYPE)), y)
 
 
 def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -70,14 +95,14 @@ def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
         raise QuantizationError(f"int4 group size {group_size} does not divide the input dimension {cols}; "
                                 f"choose a divisor of {cols} (e.g. 32)")
     packed = torch.empty(rows, cols // 2, dtype=torch.uint8)
-    scales = torch.empty(rows, cols // group_size, dtype=COMPUTE_DTYPE)
-    zeros = torch.empty(rows, cols // group_size, dtype=COMPUTE_DTYPE)
+    scales = torch.empty(rows, cols // group_size, dtype=SCALE_DTYPE)
+    zeros = torch.empty(rows, cols // group_size, dtype=SCALE_DTYPE)
     for r in range(0, rows, _ROWS_PER_CHUNK):
         g = w[r:r + _ROWS_PER_CHUNK].float().reshape(-1, cols // group_size, group_size)
         lo, hi = g.amin(dim=-1), g.amax(dim=-1)
         # Round scale and zero to bf16 first and pick each q against the rounded grid the kernel will use.
-        scale = _round_up_to_compute_dtype(((hi - lo) / 15).clamp(min=1e-10))
-        zero = (lo + 8 * scale.float()).to(COMPUTE_DTYPE)
+        scale = _round_up_to_scale_dtype(((hi - lo) / 15).clamp(min=1e-10))
+        zero = (lo + 8 * scale.float()).to(SCALE_DTYPE)
         lo = zero.float() - 8 * scale.float()
         q = torch.round((g - lo[..., None]) / scale.float()[..., None]).clamp_(0, 15).to(torch.uint8)
         packed[r:r + _ROWS_PER_CHUNK] = pack_nibbles(q.reshape(q.shape[0], cols))
@@ -111,12 +136,22 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)  # (out, in) int8
         self.register_buffer("scales", scales)  # (out,) in the activation dtype
+        if weight.device.type == "cpu":  # the kernel wants its scales in its own (bf16) activation dtype
+            self.register_buffer("kernel_scales", scales.to(SCALE_DTYPE), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu":
-            out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
-            return out.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight.to(x.dtype)) * self.scales
+        if x.device.type != "cpu":
+            return F.linear(x, self.weight.to(x.dtype)) * self.scales
+        x2 = x.reshape(-1, self.in_features)
+        if _dequantizes(x2):
+            out = _tiled_matmul(x2, self.out_features, self.dequantize_rows)
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(x2.to(SCALE_DTYPE), self.weight, self.kernel_scales)
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def dequantize_rows(self, start: int, end: int, out: Tensor) -> Tensor:
+        """fp32 weights of output rows start..end, written into `out` (end - start, in)."""
+        return torch.mul(self.weight[start:end], self.scales[start:end, None], out=out)
 
 
 class Int4Linear(nn.Module):
@@ -127,39 +162,84 @@ class Int4Linear(nn.Module):
         if packed.device.type == "cpu":
             # The CPU kernel's own layouts: weights interleaved in blocks of rows, scales and zeros (in/g, out, 2).
             self.register_buffer("weight", pack_for_cpu_kernel(unpack_nibbles(packed)))
-            self.register_buffer("scales_and_zeros", torch.stack((scales.t(), zeros.t()), dim=-1).contiguous())
+            self.register_buffer("scales_and_zeros",
+                                 torch.stack((scales.t(), zeros.t()), dim=-1).to(SCALE_DTYPE).contiguous())
         else:
             self.register_buffer("weight", packed)
             self.register_buffer("scales", scales)
             self.register_buffer("zeros", zeros)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu":
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.weight,
-                                                             self.group_size, self.scales_and_zeros)
-            return out.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, dequantize_int4(self.weight, self.scales, self.zeros).to(x.dtype))
+        if x.device.type != "cpu":
+            return F.linear(x, dequantize_int4(self.weight, self.scales, self.zeros).to(x.dtype))
+        x2 = x.reshape(-1, self.in_features)
+        if _dequantizes(x2) and _kernel_layout_rows(self.out_features):
+            out = _tiled_matmul(x2, self.out_features, self.dequantize_rows)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(SCALE_DTYPE), self.weight, self.group_size,
+                                                             self.scales_and_zeros)
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def dequantize_rows(self, start: int, end: int, out: Tensor) -> Tensor:
+        """fp32 weights of output rows start..end (whole blocks of the kernel's layout), written into `out`."""
+        block = _kernel_layout_rows(self.out_features)
+        packed = self.weight[start:end].view(-1, self.in_features, block // 2)  # (row block, column, row in half)
+        q = out.view(-1, 2, block // 2, self.in_features)  # (row block, low/high half, row in half, column)
+        q[:, 0].copy_((packed & 0x0F).transpose(1, 2))
+        q[:, 1].copy_((packed >> 4).transpose(1, 2))
+        sz = self.scales_and_zeros[:, start:end].float()  # (groups, rows, 2)
+        scales, zeros = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]  # (rows, groups, 1)
+        groups = out.view(end - start, -1, self.group_size)
+        return torch.addcmul(zeros - 8 * scales, groups, scales, out=groups).view_as(out)
+
+
+def _dequantizes(x: Tensor) -> bool:
+    """fp32 activations of many rows (a prompt on an AVX2 CPU): dequantize and use the fp32 matmul."""
+    return x.dtype == torch.float32 and x.shape[0] > DEQUANTIZE_ABOVE_ROWS
+
+
+def _tiled_matmul(x: Tensor, out_features: int, dequantize_rows) -> Tensor:
+    """x (M, in) @ W.T with W dequantized to fp32 a tile of output rows at a time into one reused buffer, so the
+    full-precision matrix never exists and each tile is still in cache when the matmul reads it."""
+    rows = max(64, _TILE_WEIGHTS // x.shape[1] // 64 * 64)  # whole 64-row blocks (the kernel layouts' unit)
+    out = x.new_empty(x.shape[0], out_features)
+    buffer = x.new_empty(min(rows, out_features), x.shape[1])
+    for start in range(0, out_features, rows):
+        end = min(start + rows, out_features)
+        out[:, start:end] = F.linear(x, dequantize_rows(start, end, buffer[:end - start]))
+    return out
 
 
 def pack_for_cpu_kernel(q: Tensor) -> Tensor:
     """(out, in) uint8 values 0..15 -> the layout of torch's CPU int4 kernel.
 
-    torch's converter wants one int32 per weight (4x the memory, slow for big models). With AVX-512 its layout is
-    simple: per block of 64 rows and per column, 32 bytes holding row j in the low nibble and row j + 32 in the high
-    one. We write that directly when a probe shows this machine's converter uses it, and defer to torch otherwise."""
-    if q.shape[0] % 64 or not _cpu_layout_is_blocks_of_64():
+    torch's converter wants one int32 per weight (4x the memory, slow for big models). Its layout is simple: per
+    block of B rows (64 with AVX-512, 32 with AVX2) and per column, B/2 bytes holding row j in the low nibble and
+    row j + B/2 in the high one. We write that directly when a probe shows this machine's converter uses it, and
+    defer to torch otherwise."""
+    block = _kernel_layout_rows(q.shape[0])
+    if not block:
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1)
+    return _pack_blocks(q, block)
+
+
+def _pack_blocks(q: Tensor, block: int) -> Tensor:
     rows, cols = q.shape
-    blocks = q.view(rows // 64, 2, 32, cols)  # (row block, low/high half, row in half, column)
+    blocks = q.view(rows // block, 2, block // 2, cols)  # (row block, low/high half, row in half, column)
     return (blocks[:, 0] | (blocks[:, 1] << 4)).transpose(1, 2).contiguous().view(rows, cols // 2)
 
 
+def _kernel_layout_rows(rows: int) -> int | None:
+    """The block of rows of torch's int4 layout on this CPU, if we know it and it divides `rows`."""
+    block = _cpu_layout_block()
+    return block if block and rows % block == 0 else None
+
+
 @functools.cache
-def _cpu_layout_is_blocks_of_64() -> bool:
+def _cpu_layout_block() -> int | None:
     probe = torch.randint(0, 16, (128, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    blocks = probe.view(2, 2, 32, 64)
-    ours = (blocks[:, 0] | (blocks[:, 1] << 4)).transpose(1, 2).contiguous().view(128, 32)
-    return torch.equal(ours, torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.int(), 1))
+    theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.int(), 1)
+    return next((block for block in (64, 32) if torch.equal(_pack_blocks(probe, block), theirs)), None)
 
 
 class Int8Embedding(nn.Module):
@@ -180,11 +260,13 @@ def is_layer_linear(name: str) -> bool:
                                                          "w1.weight", "w2.weight", "w3.weight"))
 
 
-def quantize_tensor(name: str, w: Tensor, scheme: str, group_size: int) -> dict[str, Tensor]:
-    """One float tensor of a Meta-named state dict -> its portable quantized tensors."""
+def quantize_tensor(name: str, w: Tensor | GGUFTensor, scheme: str, group_size: int) -> dict[str, Tensor]:
+    """One tensor of a Meta-named state dict (floats, or a GGUF file's blocks) -> its portable quantized tensors."""
+    if isinstance(w, GGUFTensor):
+        return _quantize_gguf_tensor(name, w, scheme, group_size)
     base = name.removesuffix(".weight")
     if w.ndim == 1:  # norms
-        return {name: w.to(COMPUTE_DTYPE)}
+        return {name: w.to(SCALE_DTYPE)}
     if scheme == "int4" and is_layer_linear(name):
         packed, scales, zeros = quantize_int4(w, group_size)
         return {name: packed, f"{base}.scales": scales, f"{base}.zeros": zeros}
@@ -197,9 +279,11 @@ def check_scheme(scheme: str) -> None:
         raise QuantizationError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
 
 
-def quantize_state_dict(state_dict: dict[str, Tensor], scheme: str, group_size: int = 32) -> dict[str, Tensor]:
-    """Quantize a float state dict tensor by tensor, dropping each float tensor as soon as it is converted (the
-    dict is consumed), so peak memory stays near the float weights plus one quantized copy."""
+def quantize_state_dict(state_dict: dict[str, Tensor | GGUFTensor], scheme: str,
+                        group_size: int = 32) -> dict[str, Tensor]:
+    """Quantize a state dict tensor by tensor, dropping each input as soon as it is converted (the dict is
+    consumed), so peak memory stays near the inputs plus one quantized copy. GGUF blocks (`GGUFTensor`) are read
+    one at a time: 4-bit blocks are repacked as they are, the rest goes through fp32 a slice of rows at a time."""
     check_scheme(scheme)
     out = {}
     for name in list(state_dict):
@@ -207,52 +291,69 @@ def quantize_state_dict(state_dict: dict[str, Tensor], scheme: str, group_size: 
     return out
 
 
-def quantize_gguf(reader, scheme: str, group_size: int = 32) -> Iterator[tuple[str, dict[str, Tensor]]]:
-    """(meta name, portable tensors) for each tensor of a GGUF file, read one at a time.
-
-    Q4_0/Q4_1 blocks are 32 weights with a scale and a min: under int4 with group_size 32 they are repacked as they
-    are (bit-exact up to the bf16 scales). Everything else goes through fp32 a slice of rows at a time."""
-    from .weights.gguf import BLOCK_BYTES, meta_name, read_tensor
-    check_scheme(scheme)
-    for t in reader.tensors.values():
-        name = meta_name(t.name)
-        if name is None:  # rope_freqs and unknown tensors are the checkpoint reader's business
-            continue
-        if t.kind in ("Q4_0", "Q4_1") and scheme == "int4" and group_size == 32 and is_layer_linear(name):
-            yield name, repack_q4(reader.read(t), t.kind, t.shape, name)
-        elif t.kind in BLOCK_BYTES and len(t.shape) == 2:
-            yield name, _quantize_blocks(reader.read(t).reshape(t.shape[0], -1), t.kind, name, scheme, group_size)
-        else:
-            yield name, quantize_tensor(name, read_tensor(reader, t).float(), scheme, group_size)
+def quantize_checkpoint(ckpt: Checkpoint, scheme: str, group_size: int = 32) -> Checkpoint:
+    """A checkpoint read with `read_checkpoint(path, blocks=True)` -> the same with portable quantized tensors."""
+    done = ckpt.metadata.get("quantization")
+    if done:
+        if done["scheme"] != scheme:
+            raise QuantizationError(f"the checkpoint is already quantized as {done['scheme']}; re-quantize from "
+                                    f"the original checkpoint instead")
+        return ckpt
+    ckpt.state_dict = quantize_state_dict(ckpt.state_dict, scheme, group_size)
+    ckpt.metadata["quantization"] = {"scheme": scheme, "group_size": group_size}
+    return ckpt
 
 
-def _quantize_blocks(raw: Tensor, kind: str, name: str, scheme: str, group_size: int) -> dict[str, Tensor]:
-    """GGUF blocks (rows, row_bytes) -> portable tensors through fp32 a slice of rows at a time, so the fp32 copy of
-    a big matrix (the embedding) never exists whole."""
-    from .weights.gguf import dequantize
-    parts = []
+# Blocks that are exactly int4 with one scale and one zero per 32 weights (w = (q - 8) * scale + zero).
+_INT4_BLOCKS = ("Q4_0", "Q4_1", "Q4_K")
+# Types that llama.cpp's K-quant mixes choose to keep above 4 bits (output, about half of attn_v / ffn_down): the
+# int4 scheme keeps them at int8 per channel instead of rounding them to a coarser grid than the file's
+# (benchmarks/bench_gguf_types.py: error and speed of each representation).
+_ABOVE_4_BITS = ("Q5_0", "Q5_1", "Q5_K", "Q6_K")
+
+
+def _quantize_gguf_tensor(name: str, t: GGUFTensor, scheme: str, group_size: int) -> dict[str, Tensor]:
+    raw = t.raw()  # (rows, bytes per row)
+    if t.kind in _INT4_BLOCKS and scheme == "int4" and group_size == 32 and is_layer_linear(name):
+        q, scales, zeros = int4_of_gguf_blocks(raw, t.kind)
+        base = name.removesuffix(".weight")
+        return {name: pack_nibbles(q), f"{base}.scales": scales, f"{base}.zeros": zeros}
+    if t.kind in _ABOVE_4_BITS and scheme == "int4":
+        scheme = "int8"
+    parts = []  # through fp32 a slice of rows at a time, so the fp32 copy of the embedding never exists whole
     for r in range(0, raw.shape[0], _ROWS_PER_CHUNK):
         rows = raw[r:r + _ROWS_PER_CHUNK]
-        parts.append(quantize_tensor(name, dequantize(rows, kind, rows.shape[0]), scheme, group_size))
+        w = dequantize(rows, t.kind, rows.shape[0]).reshape(-1, *t.shape[1:])
+        parts.append(quantize_tensor(name, w, scheme, group_size))
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def repack_q4(raw: Tensor, kind: str, shape: tuple[int, int], name: str) -> dict[str, Tensor]:
-    """GGUF Q4_0 / Q4_1 blocks -> portable int4 (group 32). A block holds an fp16 scale d (and for Q4_1 an fp16
-    min m) and 16 bytes whose low nibbles are weights 0..15 and high nibbles 16..31: w = d * q + m (Q4_1) or
-    d * (q - 8) (Q4_0), so scale = d and zero = m + 8d (Q4_1) or 0 (Q4_0)."""
-    from .weights.gguf import BLOCK_BYTES
-    rows = shape[0]
-    b = raw.reshape(rows, -1, BLOCK_BYTES[kind])  # (rows, n_blocks, block_bytes)
+def int4_of_gguf_blocks(raw: Tensor, kind: str) -> tuple[Tensor, Tensor, Tensor]:
+    """GGUF Q4_0 / Q4_1 / Q4_K rows (rows, bytes per row) -> q (rows, cols) in 0..15 and fp32 scales and zeros
+    (rows, cols / 32) with w = (q - 8) * scale + zero: the same codes, not a new rounding.
+
+    Q4_0 / Q4_1 blocks hold 32 weights: fp16 d (Q4_1: and fp16 min m), 16 bytes whose low nibbles are weights 0..15
+    and high nibbles 16..31; w = d * (q - 8) or d * q + m, so scale = d and zero = 0 or m + 8d. Q4_K super-blocks
+    hold 256 weights: fp16 d and dmin, eight 6-bit (sc, m) pairs in 12 bytes, then four 32-byte chunks whose low
+    nibbles are sub-block 2c and high nibbles 2c + 1; w = d*sc*q - dmin*m, so scale = d*sc, zero = 8*d*sc - dmin*m.
+    """
+    rows = raw.shape[0]
+    if kind == "Q4_K":
+        b = raw.reshape(rows, -1, 144)  # (rows, super-blocks, 144 bytes)
+        d, dmin = (b[..., i:i + 2].contiguous().view(torch.float16).float() for i in (0, 2))  # (rows, sb, 1)
+        sc, m = (torch.from_numpy(x).float().reshape(rows, -1, 8)
+                 for x in gguf.quants.Q4_K.get_scale_min(b[..., 4:16].reshape(-1, 12).numpy()))
+        qs = b[..., 16:].reshape(rows, -1, 4, 1, 32)
+        q = torch.cat((qs & 0x0F, qs >> 4), dim=3)  # (rows, sb, chunk, low/high, 32)
+        scale = d * sc
+        return q.reshape(rows, -1), scale.reshape(rows, -1), (8 * scale - dmin * m).reshape(rows, -1)
+    b = raw.reshape(rows, -1, 18 if kind == "Q4_0" else 20)  # (rows, blocks, block bytes)
     d = b[..., :2].contiguous().view(torch.float16).float().squeeze(-1)
     qs = b[..., 4:] if kind == "Q4_1" else b[..., 2:]
     q = torch.cat((qs & 0x0F, qs >> 4), dim=-1).reshape(rows, -1)
     if kind == "Q4_1":
-        zeros = b[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1) + 8 * d
-    else:
-        zeros = torch.zeros_like(d)
-    base = name.removesuffix(".weight")
-    return {name: pack_nibbles(q), f"{base}.scales": d.to(COMPUTE_DTYPE), f"{base}.zeros": zeros.to(COMPUTE_DTYPE)}
+        return q, d, b[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1) + 8 * d
+    return q, d, torch.zeros_like(d)
 
 
 def detect_scheme(state_dict: dict[str, Tensor]) -> str:
@@ -260,10 +361,10 @@ def detect_scheme(state_dict: dict[str, Tensor]) -> str:
 
 
 def build_quantized_model(args: ModelArgs, state_dict: dict[str, Tensor], *, group_size: int,
-                          device: str | torch.device = "cpu", dtype: torch.dtype = COMPUTE_DTYPE) -> Transformer:
+                          device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:
     """A Transformer whose linears and embeddings are the quantized modules, from portable quantized tensors
-    (consumed as they are placed, so each exists once)."""
-    from .llama import meta_model
+    (consumed as they are placed, so each exists once), computing in `dtype` (default: compute_dtype(device))."""
+    dtype = dtype or compute_dtype(device)
     model = meta_model(args)
     sd = state_dict
 
@@ -322,7 +423,7 @@ def quantize(src: str, dst: str, *, int8: bool = False, int4: bool = False, grou
     if int8 == int4:
         raise QuantizationError("choose exactly one of --int8 and --int4")
     scheme = "int8" if int8 else "int4"
-    ckpt = read_checkpoint(resolve(src), scheme, group_size)
+    ckpt = quantize_checkpoint(read_checkpoint(resolve(src), blocks=True), scheme, group_size)
     out = Path(dst)
     write_quantized(out, ckpt.args, ckpt.state_dict, scheme=scheme, group_size=group_size)
     save_tokenizer(ckpt.tokenizer, ckpt.chat_template, out, layout="hf")

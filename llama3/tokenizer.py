@@ -39,12 +39,14 @@ GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 # between. In one pattern: a digit is its own match, and a run of whitespace may also end where a digit begins.
 DIGITS_GPT2_PATTERN = r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
 
-# `tokenizer.ggml.pre` names, as llama.cpp spells them, of the pre-tokenizers we support.
+# `tokenizer.ggml.pre` names, as llama.cpp spells them, of the pre-tokenizers we support, and those for which
+# llama.cpp adds the bos token when the file has no `tokenizer.ggml.add_bos_token`.
 GGUF_PRE_TOKENIZERS = {
     **dict.fromkeys(["llama-bpe", "llama3", "llama-v3"], LLAMA3_PATTERN),
     **dict.fromkeys(["gpt2", "gpt-2"], GPT2_PATTERN),
     **dict.fromkeys(["smollm", "starcoder", "refact", "codeshell"], DIGITS_GPT2_PATTERN),
 }
+GGUF_PRE_TOKENIZERS_ADDING_BOS = {"llama-bpe", "llama3", "llama-v3"}
 
 LLAMA3_SPECIAL_TOKENS = [
     "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
@@ -53,9 +55,10 @@ LLAMA3_SPECIAL_TOKENS = [
 ]  # fmt: skip
 LLAMA3_SPECIAL_TOKENS += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(LLAMA3_SPECIAL_TOKENS))]
 
-# Meta's limits: encode at most 400k characters at a time, and cut runs of whitespace or non-whitespace every 25k
-# characters, since tiktoken's regex runs out of backtracking stack on long runs (openai/tiktoken#195). The run cut
-# is needed by every tiktoken encoding; the 400k cut only by the Llama 3 tokenizer, to give Meta's ids exactly.
+# Meta's tokenizer encodes at most 400k characters at a time and cuts runs of whitespace or non-whitespace every 25k
+# characters (for tiktoken's old regex engine, openai/tiktoken#195). The cuts change ids, so only the Llama 3
+# tokenizer makes them, to give Meta's ids exactly; byte-level BPE tokenizers from GGUF / tokenizer.json encode the
+# text whole, as Hugging Face tokenizers and llama.cpp do.
 MAX_ENCODE_CHARS = 400_000
 MAX_RUN_CHARS = 25_000
 _LONG_RUN = re.compile(rf"(?<!\S)\S{{{MAX_RUN_CHARS + 1},}}|(?<!\s)\s{{{MAX_RUN_CHARS + 1},}}")
@@ -88,7 +91,6 @@ class _TiktokenBase:
     rank_to_id: np.ndarray | None = None
     special_tokens: dict[str, int]  # matched only when allowed_special allows
     always_matched: frozenset[str] = frozenset()  # added tokens that are not special: matched wherever they occur
-    chunk_chars = 1 << 62  # no chunks
     bos_id: int | None
     eos_id: int | None
 
@@ -105,7 +107,7 @@ class _TiktokenBase:
         disallowed = set(self.special_tokens) - allowed if disallowed_special == "all" else set(disallowed_special)
         allowed |= self.always_matched
         ranks = []
-        for piece in _pieces(text, self.chunk_chars):
+        for piece in self._chunks(text):
             ranks += self.encoding.encode(piece, allowed_special=allowed, disallowed_special=disallowed)
         ids = ranks
         if self.rank_to_id is not None:
@@ -116,6 +118,9 @@ class _TiktokenBase:
         if (bos and self.bos_id is None) or (eos and self.eos_id is None):
             raise TokenizerError("this tokenizer has no beginning/end-of-text token to add")
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def _chunks(self, text: str):
+        return (text,)
 
     @property
     def bos_token(self) -> str:
@@ -134,7 +139,6 @@ class Tokenizer(_TiktokenBase):
 
     add_bos = True
     chat_template = None
-    chunk_chars = MAX_ENCODE_CHARS
 
     def __init__(self, model_path: str | Path | None = None):
         if model_path is None:
@@ -163,6 +167,9 @@ class Tokenizer(_TiktokenBase):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.encoding.decode([int(i) for i in ids])
+
+    def _chunks(self, text: str):
+        return _pieces(text, MAX_ENCODE_CHARS)
 
 
 def load_tiktoken_ranks(data: bytes, name: str) -> dict[bytes, int]:
@@ -324,7 +331,7 @@ class BPETokenizer(_TiktokenBase):
             bos_id=field("tokenizer.ggml.bos_token_id", None),
             eos_id=eos_id,
             pad_id=field("tokenizer.ggml.padding_token_id", None),
-            add_bos=bool(field("tokenizer.ggml.add_bos_token", False)),
+            add_bos=bool(field("tokenizer.ggml.add_bos_token", pre in GGUF_PRE_TOKENIZERS_ADDING_BOS)),
             chat_template=field("tokenizer.chat_template", None),
             source=where,
         )

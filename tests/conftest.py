@@ -55,3 +55,130 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---- GGUF files as llama.cpp makes them ---------------------------------------------------------------------------
+
+GGUF_NAMES = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output"}
+GGUF_LAYER = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
+              "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
+              "feed_forward.w3": "ffn_up", "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
+
+
+def gguf_name(name: str) -> str:
+    base, _, suffix = name.rpartition(".")
+    if base in GGUF_NAMES:
+        return f"{GGUF_NAMES[base]}.{suffix}"
+    _, i, rest = base.split(".", 2)
+    return f"blk.{i}.{GGUF_LAYER[rest]}.{suffix}"
+
+
+def write_gguf(path, args, state_dict, qtype=None, tokenizer=None, rope_freqs=None):
+    """A llama GGUF as llama.cpp's converter writes it: 2-D weights in `qtype` (quantized by the gguf package;
+    default Q8_0), norms in F32; `tokenizer` is a dict of tokenizer.ggml.* fields (tokens, types, merges, pre, ...)."""
+    import gguf
+    qtype = gguf.GGMLQuantizationType.Q8_0 if qtype is None else qtype
+    w = llama_gguf_writer(path, args, qtype, tokenizer)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.float().numpy())
+    for name, t in state_dict.items():
+        if args.tie_embeddings and name == "output.weight":
+            continue
+        data = t.float().numpy()
+        if data.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+            q = gguf.quants.quantize(data, qtype)
+            w.add_tensor(gguf_name(name), q, raw_shape=q.shape, raw_dtype=qtype)
+        else:
+            w.add_tensor(gguf_name(name), data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def llama_gguf_writer(path, args, qtype, tokenizer=None):
+    """A gguf.GGUFWriter holding a llama model's metadata (and tokenizer.ggml.* fields), tensors still to add."""
+    import gguf
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(args.n_layers)
+    w.add_context_length(args.max_seq_len)
+    w.add_embedding_length(args.dim)
+    w.add_feed_forward_length(args.ffn_hidden_dim)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.n_kv_heads)
+    w.add_rope_freq_base(args.rope_theta)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    w.add_rope_dimension_count(args.head_dim)
+    w.add_vocab_size(args.vocab_size)
+    file_types = {gguf.GGMLQuantizationType.F32: 0, gguf.GGMLQuantizationType.F16: 1}
+    w.add_file_type(file_types.get(qtype, 7))
+    if tokenizer is not None:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(tokenizer["pre"])
+        w.add_token_list(tokenizer["tokens"])
+        w.add_token_types(tokenizer["types"])
+        w.add_token_merges(tokenizer["merges"])
+        w.add_bos_token_id(tokenizer["bos"])
+        w.add_eos_token_id(tokenizer["eos"])
+        w.add_chat_template(tokenizer["chat_template"])
+    return w
+
+
+@pytest.fixture(scope="session")
+def llama3_hf_tokenizer():
+    return hf_tokenizer_of_meta_llama3()
+
+
+def hf_tokenizer_of_meta_llama3():
+    """Llama 3's tokenizer as a Hugging Face `tokenizers.Tokenizer`, made by transformers' own converter from Meta's
+    tokenizer.model (what meta-llama ships as tokenizer.json)."""
+    import importlib
+    import importlib.resources
+
+    from llama3.tokenizer import LLAMA3_SPECIAL_TOKENS, load_tiktoken_ranks
+    tokenizers = pytest.importorskip("tokenizers")
+    converter = importlib.import_module("transformers.convert_slow_tokenizer")
+    ranks = load_tiktoken_ranks((importlib.resources.files("llama_models.llama3") / "tokenizer.model").read_bytes(), "")
+
+    class Converter(converter.TikTokenConverter):
+        load_tiktoken_bpe = staticmethod(lambda _: ranks)
+
+    hf = Converter(vocab_file="tokenizer.model", extra_special_tokens=LLAMA3_SPECIAL_TOKENS).converted()
+    hf.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 128000)])
+    return hf
+
+
+def llama3_gguf_tokenizer(hf) -> dict:
+    """The tokenizer.ggml.* fields llama.cpp's converter writes for Llama 3 (pre-tokenizer llama-bpe, no
+    add_bos_token, as in early conversions)."""
+    import json
+
+    import gguf
+    data = json.loads(hf.to_str())
+    by_id = {i: t for t, i in data["model"]["vocab"].items()} | {t["id"]: t["content"] for t in data["added_tokens"]}
+    special = {t["id"] for t in data["added_tokens"]}
+    return {"pre": "llama-bpe", "tokens": [by_id[i] for i in range(len(by_id))],
+            "types": [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(by_id))],
+            "merges": [" ".join(m) for m in data["model"]["merges"]], "bos": 128000, "eos": 128009,
+            "chat_template": LLAMA3_CHAT_TEMPLATE}
+
+
+# The chat template of meta-llama/Meta-Llama-3-8B-Instruct.
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 "
+    "%}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def llama_cpp_quantize(src, dst, file_type: str):
+    """Quantize a GGUF file with llama.cpp's own quantizer (its type mixes: Q4_K_M puts Q6_K on the output ...)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (a dev extra) is not installed")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{file_type}")
+    params.nthread = 2
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {file_type}")
+    return dst

@@ -32,7 +32,7 @@ def trained_lora(quant=None, targets="all", seed=0):
     torch.manual_seed(seed + 1)
     with torch.no_grad():
         for layer in lora_layers(model).values():
-            layer.lora_b.normal_(0, 0.05)
+            layer.lora_b.weight.normal_(0, 0.05)
     return model.eval()
 
 
@@ -43,7 +43,7 @@ def test_a_fresh_adapter_leaves_the_model_unchanged_and_only_adapters_train():
     assert len(names) == 2 * 7  # 2 layers x (wq wk wv wo w1 w2 w3)
     assert torch.equal(model(TOKENS), before)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{n}.{ab}" for n in names for ab in ("lora_a", "lora_b")}
+    assert trainable == {f"{n}.{ab}.weight" for n in names for ab in ("lora_a", "lora_b")}
     frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     F.cross_entropy(model(TOKENS).flatten(0, 1), TOKENS.flatten()).backward()
@@ -120,7 +120,7 @@ def test_adapter_for_another_model_is_refused(tmp_path):
 
 def test_lora_dropout_only_in_training():
     layer = LoRALinear(nn.Linear(16, 8, bias=False), rank=4, alpha=4, dropout=0.5)
-    nn.init.normal_(layer.lora_b)
+    nn.init.normal_(layer.lora_b.weight)
     x = torch.randn(3, 16)
     layer.eval()
     assert torch.equal(layer(x), layer(x))
@@ -200,6 +200,7 @@ def test_dpo_loss_values():
     zero = torch.zeros(3)
     loss, stats = dpo_loss(zero, zero, zero, zero, beta=0.1)
     assert torch.isclose(loss, torch.log(torch.tensor(2.0)))  # policy = reference: -log sigmoid(0)
+    assert stats["accuracy"].tolist() == [0.5, 0.5, 0.5]  # a tie ranks neither reply first: half right
     chosen, rejected = torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-4.0, -1.0, -3.0])
     loss, stats = dpo_loss(chosen, rejected, zero - 2, zero - 2, beta=0.5)
     margin = 0.5 * (chosen - rejected)

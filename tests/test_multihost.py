@@ -75,13 +75,19 @@ class Hosts:
         ip("-n", self.switch, "link", "set", f"p{i}", "up")
 
     def kill(self, i: int) -> None:
-        """Host i fails outright: every process on it dies at once."""
-        os.killpg(self.procs[i].pid, signal.SIGKILL)
+        """Host i fails outright: every process in its namespace dies at once (the launcher's workers run in
+        sessions of their own, so its process group would not reach them)."""
+        pids = subprocess.run(["ip", "netns", "pids", self.names[i]], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def close(self) -> None:
-        for p in self.procs:
-            if p is not None and p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+        for i, p in enumerate(self.procs):
+            if p is not None:
+                self.kill(i)
                 p.wait(timeout=30)
         for name in [*self.names, self.switch]:
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)

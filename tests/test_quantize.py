@@ -6,17 +6,18 @@ import torch
 
 from llama3.generate import generate_tokens
 from llama3.llama import build_model
-from llama3.quantize import (Int4Linear, Int8Embedding, Int8Linear, QuantizationError, dequantize_int4,
-                             is_layer_linear, pack_for_cpu_kernel, pack_nibbles, quantize, quantize_int4, quantize_int8,
-                             quantize_model, unpack_nibbles)
+import llama3.quantize as quantize_module
+from llama3.quantize import (DEQUANTIZE_ABOVE_ROWS, Int4Linear, Int8Embedding, Int8Linear, QuantizationError,
+                             compute_dtype, dequantize_int4, is_layer_linear, pack_for_cpu_kernel, pack_nibbles,
+                             quantize, quantize_checkpoint, quantize_int4, quantize_int8, quantize_model,
+                             unpack_nibbles)
 from llama3.weights import read_checkpoint
 from llama3.weights.gguf import dequantize
 
-from conftest import random_model, tiny_args
+from conftest import random_model, tiny_args, write_gguf
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-from test_weights import write_gguf
 
 
 def test_int8_rounds_each_weight_to_the_nearest_step():
@@ -57,6 +58,30 @@ def test_quantized_linear_equals_its_dequantized_weights(scheme):
     assert out.shape == (2, 5, 96) and out.dtype == torch.bfloat16
     expected = x.float() @ dense.t()
     assert (out.float() - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_fp32_prompts_use_fp32_matmuls_on_dequantized_tiles(scheme, monkeypatch):
+    """fp32 activations (how AVX2 CPUs run quantized models): many rows go through fp32 matmuls on the weight
+    dequantized a tile at a time (exact up to summation order), decoding rows through the bf16 kernel."""
+    monkeypatch.setattr(quantize_module, "_TILE_WEIGHTS", 64 * 128)  # 64-row tiles: three for 192 rows
+    w = torch.randn(192, 128)
+    if scheme == "int8":
+        q, scales = quantize_int8(w)
+        layer, dense = Int8Linear(q, scales.float()), q.float() * scales.float()[:, None]
+    else:
+        packed, scales, zeros = quantize_int4(w, 32)
+        layer = Int4Linear(packed, scales.float(), zeros.float(), 32)
+        dense = dequantize_int4(packed, scales.float(), zeros.float())
+    prompt = torch.randn(1, DEQUANTIZE_ABOVE_ROWS + 1, 128)
+    assert (layer(prompt) - prompt @ dense.t()).abs().max() <= 1e-5 * (prompt @ dense.t()).abs().max()
+    decode = torch.randn(3, 1, 128)
+    out, expected = layer(decode), decode @ dense.t()
+    assert out.dtype == torch.float32 and (out - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def test_quantized_models_compute_in_this_cpus_fast_dtype():
+    assert quantize_model(random_model(tiny_args()), "int8").norm.weight.dtype == compute_dtype("cpu")
 
 
 def test_int8_embedding_rows():
@@ -121,15 +146,15 @@ def test_gguf_4bit_blocks_are_repacked_not_requantized(tmp_path, kind):
     args = tiny_args()
     write_gguf(tmp_path / "m.gguf", args, random_model(args).state_dict(), gguf.GGMLQuantizationType[kind])
     dense = read_checkpoint(tmp_path / "m.gguf")  # dequantized to fp32 by the reader
-    packed = read_checkpoint(tmp_path / "m.gguf", quantize="int4")
+    packed = quantize_checkpoint(read_checkpoint(tmp_path / "m.gguf", blocks=True), "int4")
     assert packed.metadata["quantization"] == {"scheme": "int4", "group_size": 32}
     for name, w in dense.state_dict.items():
         if name.startswith("layers.") and w.ndim == 2:
             base = name.removesuffix(".weight")
-            back = dequantize_int4(packed.state_dict[name], packed.state_dict[f"{base}.scales"].float(),
-                                   packed.state_dict[f"{base}.zeros"].float())
-            # Exactly the GGUF values, up to bf16 rounding of scale and zero (no second rounding to a new grid).
-            assert (back - w).abs().max() <= 2 ** -7 * w.abs().max(), name
+            back = dequantize_int4(packed.state_dict[name], packed.state_dict[f"{base}.scales"],
+                                   packed.state_dict[f"{base}.zeros"])
+            # The GGUF values, up to one fp32 rounding of the zero point (no second rounding to a new grid).
+            assert (back - w).abs().max() <= 1e-6 * w.abs().max(), name
     tokens = torch.randint(0, args.vocab_size, (1, 16))
     ref = build_model(dense, dtype=torch.bfloat16)(tokens)
     out = build_model(packed)(tokens)

@@ -334,6 +334,22 @@ def test_gguf_long_text_matches_reference(smol, smol_reference):
     assert smol.encode(text) == hf_ids(smol_reference, text, special_as_text=True)
 
 
+# Runs longer than Meta's 25k-character cut: byte-level BPE tokenizers encode them whole, as HF and llama.cpp do.
+LONG_RUNS = {
+    "30k_spaces": " " * 30_000,
+    "30k_letters": "a" * 30_000,
+    "text_30k_spaces_text": "x" + " " * 30_000 + "y",
+    "30k_newlines": "\n" * 30_000 + "end",
+    "runs_around_the_limit": "x" * 25_000 + " " * 25_001 + "y" * 50_001 + "\n" * 3 + "z",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LONG_RUNS)
+def test_gguf_long_runs_match_reference(smol, smol_reference, name):
+    assert smol.encode(LONG_RUNS[name]) == hf_ids(smol_reference, LONG_RUNS[name], special_as_text=True)
+
+
 def llama_cpp_split(text: str) -> list[str]:
     """llama.cpp's "smollm" pre-tokenizer: split out every \\p{N}, then split the rest with GPT-2's regex (without
     its final \\s+); text that no regex matches stays a piece of its own."""
@@ -495,20 +511,10 @@ def test_tiny_tokenizer_json(tmp_path, merge_form):
 
 
 @pytest.mark.slow
-def test_llama3_tokenizer_json(tok, meta, tmp_path):
+def test_llama3_tokenizer_json(tok, meta, tmp_path, llama3_hf_tokenizer):
     """A tokenizer.json like the one Hugging Face ships for meta-llama models, made by transformers' own converter
     from Meta's tokenizer.model: our BPE path gives Meta's ids."""
-    tokenizers = pytest.importorskip("tokenizers")
-    converter = pytest.importorskip("transformers.convert_slow_tokenizer")
-    ranks = load_tiktoken_ranks((importlib.resources.files("llama_models.llama3") / "tokenizer.model").read_bytes(), "")
-
-    class Converter(converter.TikTokenConverter):
-        load_tiktoken_bpe = staticmethod(lambda _: ranks)
-
-    hf = Converter(vocab_file="tokenizer.model", extra_special_tokens=LLAMA3_SPECIAL_TOKENS).converted()
-    hf.post_processor = tokenizers.processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 128000)]
-    )
+    hf = llama3_hf_tokenizer
     hf.save(str(tmp_path / "tokenizer.json"))
     config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
@@ -518,6 +524,8 @@ def test_llama3_tokenizer_json(tok, meta, tmp_path):
     for text in [*CORPUS.values(), *random_texts(200, seed=4)]:
         assert ours.encode(text) == tok.encode(text), text
         assert ours.encode(text, allowed_special="all") == hf_ids(hf, text) == tok.encode(text, allowed_special="all")
+    for name, text in LONG_RUNS.items():  # Meta's tiktoken cuts long runs, Hugging Face's BPE does not
+        assert ours.encode(text) == hf_ids(hf, text), name
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -541,6 +549,8 @@ def write_tokenizer_gguf(path, **overrides):
         writer.add_token_merges(fields["merges"])
     writer.add_bos_token_id(0)
     writer.add_eos_token_id(0)
+    if fields.get("add_bos") is not None:
+        writer.add_add_bos_token(fields["add_bos"])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -555,6 +565,17 @@ def test_tiny_gguf(tmp_path):
     assert chat_format_for(tiny, "{{ bos_token }}").encode_dialog_prompt([]) == [0]
     with pytest.raises(TokenizerError, match="no chat template"):
         chat_format_for(tiny)
+
+
+@pytest.mark.parametrize("pre, add_bos, expected", [
+    ("llama-bpe", None, True),  # early Llama 3 conversions have no add_bos_token: llama.cpp adds bos for llama-bpe
+    ("llama-bpe", False, False),
+    ("gpt2", None, False),
+    ("smollm", True, True),
+])
+def test_gguf_bos_default_is_llama_cpps(tmp_path, pre, add_bos, expected):
+    path = write_tokenizer_gguf(tmp_path / "t.gguf", pre=pre, add_bos=add_bos)
+    assert BPETokenizer.from_gguf(path).add_bos is expected
 
 
 @pytest.mark.parametrize(

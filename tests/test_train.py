@@ -380,8 +380,10 @@ def test_cli_verb(tmp_path, capsys):
 
 def test_onednn_linears_give_the_same_losses_as_torch_matmuls(tmp_path):
     from llama3.fast import OneDNNLinear
+    from llama3.train.pretrain import Pretraining
     from llama3.train.trainer import Trainer
-    trainer = Trainer(load_config(None, TINY + [f"run.dir={tmp_path / 'probe'}"]))
+    cfg = load_config(None, TINY + [f"run.dir={tmp_path / 'probe'}"])
+    trainer = Trainer(cfg, Pretraining(cfg))
     assert any(isinstance(m, OneDNNLinear) for m in trainer.parts[0].modules())  # on by default for fp32 CPU
     onednn = train(TINY + ["training.steps=4", f"run.dir={tmp_path / 'onednn'}"])
     torch_mm = train(TINY + ["training.steps=4", "training.onednn_linears=false", f"run.dir={tmp_path / 'torch'}"])

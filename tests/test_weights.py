@@ -14,47 +14,7 @@ from llama3.weights import WeightsError, detect_format, read_checkpoint
 from llama3.weights.gguf import dequantize
 from llama3.weights.hf import permute_from_hf, permute_to_hf
 
-from conftest import random_model, tiny_args
-
-GGUF_NAMES = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output"}
-GGUF_LAYER = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v", "attention.wo": "attn_output",
-              "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up",
-              "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
-
-
-def gguf_name(name: str) -> str:
-    base, _, suffix = name.rpartition(".")
-    if base in GGUF_NAMES:
-        return f"{GGUF_NAMES[base]}.{suffix}"
-    _, i, rest = base.split(".", 2)
-    return f"blk.{i}.{GGUF_LAYER[rest]}.{suffix}"
-
-
-def write_gguf(path, args, state_dict, qtype=gguf.GGMLQuantizationType.Q8_0):
-    """A llama GGUF as llama.cpp writes it: 2-D weights quantized, norms in F32."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(args.n_layers)
-    w.add_context_length(args.max_seq_len)
-    w.add_embedding_length(args.dim)
-    w.add_feed_forward_length(args.ffn_hidden_dim)
-    w.add_head_count(args.n_heads)
-    w.add_head_count_kv(args.n_kv_heads)
-    w.add_rope_freq_base(args.rope_theta)
-    w.add_layer_norm_rms_eps(args.norm_eps)
-    for name, t in state_dict.items():
-        if args.tie_embeddings and name == "output.weight":
-            continue
-        data = t.float().numpy()
-        if data.ndim == 2:
-            q = gguf.quants.quantize(data, qtype)
-            w.add_tensor(gguf_name(name), q, raw_shape=q.shape, raw_dtype=qtype)
-        else:
-            w.add_tensor(gguf_name(name), data)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
+from conftest import random_model, tiny_args, write_gguf
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
 def test_dequantize_matches_reference(qtype):

@@ -64,9 +64,10 @@ class LoRALinear(nn.Module):
         self.base = base
         self.scale = alpha / rank
         device = base.packed.device if isinstance(base, Linear4bit) else base.weight.device
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=device))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # nn.Linear's own initialisation
+        # Linear modules (not bare matrices) so that tensor parallelism can lay them out like the base.
+        self.lora_a = nn.Linear(base.in_features, rank, bias=False, device=device)  # nn.Linear's own random init
+        self.lora_b = nn.Linear(rank, base.out_features, bias=False, device=device)
+        nn.init.zeros_(self.lora_b.weight)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.enabled = True
 
@@ -74,10 +75,10 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         if not self.enabled:
             return out
-        # Scale the small B rather than the (..., out) product, and add into the base output in place (a linear
-        # layer's backward does not need its output): fewer activation-sized temporaries.
-        h = F.linear(self.dropout(x).to(self.lora_a.dtype), self.lora_a)  # (..., rank)
-        return out.add_(F.linear(h, self.lora_b * self.scale).to(out.dtype))
+        # Scale the small (..., rank) activation rather than the (..., out) product, and add into the base output
+        # in place (a linear layer's backward does not need its output): fewer activation-sized temporaries.
+        h = self.lora_a(self.dropout(x).to(self.lora_a.weight.dtype))  # (..., rank)
+        return out.add_(self.lora_b(h * self.scale).to(out.dtype))
 
     def base_weight(self) -> Tensor:
         return self.base.dequantize() if isinstance(self.base, Linear4bit) else self.base.weight
@@ -86,7 +87,7 @@ class LoRALinear(nn.Module):
     def merged(self) -> nn.Linear:
         """A plain linear layer computing what this one computes (with dropout off)."""
         w = self.base_weight()
-        merged = w.float() + self.scale * (self.lora_b.float() @ self.lora_a.float())
+        merged = w.float() + self.scale * (self.lora_b.weight.float() @ self.lora_a.weight.float())
         linear = nn.Linear(self.base.in_features, self.base.out_features, bias=False, device=w.device, dtype=w.dtype)
         linear.weight.copy_(merged)
         return linear.requires_grad_(False)
@@ -165,9 +166,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 # ---- saving and loading adapters ------------------------------------------------------------------------------------
 
-def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The adapter tensors only, keyed like 'layers.0.attention.wq.lora_a'."""
-    return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_a", ".lora_b"))}
+def adapter_state_dict(state: dict[str, Tensor] | nn.Module) -> dict[str, Tensor]:
+    """The adapter tensors of a model or state dict, keyed as adapter files key them: 'layers.0.attention.wq.lora_a'
+    for the module's 'layers.0.attention.wq.lora_a.weight'."""
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    return {k.removesuffix(".weight"): v for k, v in state.items() if k.endswith((".lora_a.weight", ".lora_b.weight"))}
 
 
 def save_adapter(path: str | Path, state: dict[str, Tensor], cfg: LoRAConfig, *, base_model: str = "",
@@ -219,7 +223,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> LoRAConfig:
         if tensor.shape != expected[name].shape:
             raise AdapterError(f"{path}: {name} has shape {tuple(tensor.shape)}, this model needs "
                                f"{tuple(expected[name].shape)} (was it trained on another base model?)")
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict({f"{k}.weight": v for k, v in state.items()}, strict=False)
     return cfg
 
 
@@ -230,3 +234,19 @@ def apply_adapter(llm, path: str | Path, *, merge: bool = True):
     if merge:
         merge_lora(llm.model)
     return llm
+
+
+def merge_adapter(adapter: str | Path, dst: str | Path, *, base: str | None = None, to: str = "hf", shards: int = 1,
+                  dtype: str | torch.dtype | None = None) -> Path:
+    """Load the base (default: the one the adapter records) at full precision, fold the adapter into its weights
+    and write it in the Hugging Face or Meta layout, tokenizer and chat template included. A QLoRA adapter merges
+    into the unquantized base."""
+    from ..export import save_checkpoint
+    from ..llama import load
+    base = base or read_adapter(adapter)[2].get("base_model")
+    if not base:
+        raise AdapterError(f"{adapter}: the adapter does not record its base model; name it (--model)")
+    llm = apply_adapter(load(base, dtype=dtype), adapter)
+    save_checkpoint(Path(dst), llm.args, llm.model.state_dict(), layout=to, tokenizer=llm.tokenizer,
+                    chat_template=getattr(llm.tokenizer, "chat_template", None), shards=shards)
+    return Path(dst)

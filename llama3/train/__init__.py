@@ -21,8 +21,10 @@ def train(overrides: list[str] | None = None, *, config: str | None = None, repo
         print(format_report(summarize(report)))
         return []
     from .config import load_config
+    from .pretrain import Pretraining
     from .trainer import Trainer
-    trainer = Trainer(load_config(config, overrides))
+    cfg = load_config(config, overrides)
+    trainer = Trainer(cfg, Pretraining(cfg))
     try:
         return trainer.fit()
     finally:

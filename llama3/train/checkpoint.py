@@ -39,17 +39,31 @@ MANIFEST = "manifest.json"
 
 
 class ModelState(Stateful):
-    """The model parts of this rank (one, or several pipeline stages) as one state dict in the model's names."""
+    """The trained tensors of this rank's model parts (one, or several pipeline stages) as one state dict in the
+    model's names: every parameter in pretraining and full fine-tuning, only the adapters over a frozen base, so
+    that a LoRA checkpoint holds megabytes. Buffers (a 4-bit base's codes) come from the base, not from here."""
 
     def __init__(self, parts: list[nn.Module]):
         self.parts = parts
 
     def state_dict(self) -> dict:
-        return {k: v for part in self.parts for k, v in get_model_state_dict(part).items()}
+        return {k: v for part in self.parts for k, v in trained_state_dict(part).items()}
 
     def load_state_dict(self, state: dict) -> None:
         for part in self.parts:
             set_model_state_dict(part, state, options=StateDictOptions(strict=False))
+
+
+def trained_state_dict(model: nn.Module, options: StateDictOptions | None = None) -> dict:
+    options = options or StateDictOptions()
+    state = get_model_state_dict(model, options=StateDictOptions(**{**vars(options), "ignore_frozen_params": True}))
+    buffers = {_clean_name(n) for n, _ in model.named_buffers()}
+    return {k: v for k, v in state.items() if k not in buffers}
+
+
+def _clean_name(name: str) -> str:
+    """A module name as state dicts give it: without activation checkpointing's wrapper."""
+    return name.replace("_checkpoint_wrapped_module.", "")
 
 
 class OptimizerState(Stateful):
@@ -334,15 +348,16 @@ def broadcast_object(obj):
     return box[0]
 
 
-def full_model_state_dict(parts: list[nn.Module], *, gather_pipeline: bool, contribute: bool = True
-                          ) -> dict[str, torch.Tensor]:
-    """The whole unsharded model on rank 0 (CPU tensors; empty on the other ranks).
+def full_model_state_dict(parts: list[nn.Module], *, gather_pipeline: bool, contribute: bool = True,
+                          trained_only: bool = False) -> dict[str, torch.Tensor]:
+    """The whole unsharded model (or only its trained tensors) on rank 0 as CPU tensors; empty on the other ranks.
 
     FSDP and TP shards are gathered by DCP's state-dict helpers within each pipeline stage; with pipeline
     parallelism the stages' dicts are then collected onto rank 0, sent by one `contribute`-ing rank per stage."""
     state = {}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     for part in parts:
-        full = get_model_state_dict(part, options=StateDictOptions(full_state_dict=True))
+        full = trained_state_dict(part, options) if trained_only else get_model_state_dict(part, options=options)
         state.update({k: v.detach().cpu() for k, v in full.items()})
     if not gather_pipeline:
         return state if is_rank0() else {}

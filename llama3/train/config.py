@@ -88,6 +88,7 @@ class ParallelConfig:
 class EvalConfig:
     every: int = 50  # validation every N steps (0: only at the end, negative: never)
     steps: int = 4  # global batches (training.batch_size sequences) of validation data per evaluation
+    at_start: bool = False  # also validate before the first step (the starting model's loss)
 
 
 @dataclass
@@ -124,10 +125,9 @@ class MetricsConfig:
 
 
 @dataclass
-class TrainConfig:
+class LoopConfig:
+    """The sections of the training loop itself, shared by pretraining and fine-tuning."""
     run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -138,6 +138,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """Pretraining: the loop's sections plus the model to build and the token data."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def model_args(self):
         from ..args import ModelArgs
@@ -269,10 +276,11 @@ def check_type(value, hint, key: str, source: str):
     return value
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate_loop(cfg: LoopConfig) -> None:
+    """The checks of the loop's own sections, for pretraining and fine-tuning alike."""
     t, p, o = cfg.training, cfg.parallel, cfg.optim
     positive = {"training.steps": (t.steps, 0), "training.batch_size": (t.batch_size, 1),
-                "data.seq_len": (cfg.data.seq_len, 1), "parallel.tp": (p.tp, 1), "parallel.pp": (p.pp, 1),
+                "parallel.tp": (p.tp, 1), "parallel.pp": (p.pp, 1),
                 "parallel.dp_replicate": (p.dp_replicate, 1), "training.log_every": (t.log_every, 1),
                 "optim.warmup_steps": (o.warmup_steps, 0), "eval.steps": (cfg.eval.steps, 1),
                 "checkpoint.every": (cfg.checkpoint.every, 0), "checkpoint.keep": (cfg.checkpoint.keep, 1),
@@ -290,12 +298,47 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.min_lr_ratio must be in [0, 1]; got {o.min_lr_ratio}")
     if not 0 < o.decay_ratio <= 1:
         raise ConfigError(f"optim.decay_ratio must be in (0, 1]; got {o.decay_ratio}")
-    from .faults import parse_faults
     parse_faults(cfg.faults.inject, key="faults.inject")
+
+
+def validate(cfg: TrainConfig) -> None:
+    validate_loop(cfg)
+    if cfg.data.seq_len < 1:
+        raise ConfigError(f"data.seq_len must be at least 1; got {cfg.data.seq_len}")
     args = cfg.model_args()
     if cfg.data.seq_len > args.max_seq_len:
         raise ConfigError(f"data.seq_len {cfg.data.seq_len} is longer than the model's max_seq_len "
                           f"{args.max_seq_len}")
+
+
+FAULT_KINDS = ("kill", "nan", "hang", "corrupt_checkpoint", "bitflip", "fail_save")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    step: int  # fires just before this (1-based) step runs
+    rank: int | None = None  # None: every rank (kill, hang and bitflip default to rank 0)
+
+
+def parse_faults(specs: list[str], key: str = "faults") -> list[Fault]:
+    """"kind:step=S[:rank=R]" strings -> Faults; a bad spec is a ConfigError naming it."""
+    faults = []
+    for spec in specs:
+        kind, *fields = spec.strip().split(":")
+        values = {}
+        for f in fields:
+            name, sep, value = f.partition("=")
+            if not sep or name not in ("step", "rank") or not value.strip().isdigit():
+                raise ConfigError(f"{key}: bad fault {spec!r}: expected kind:step=S[:rank=R]")
+            values[name] = int(value)
+        if kind not in FAULT_KINDS:
+            raise ConfigError(f"{key}: unknown fault kind {kind!r} in {spec!r}; one of {', '.join(FAULT_KINDS)}")
+        if "step" not in values:
+            raise ConfigError(f"{key}: fault {spec!r} needs step=S")
+        rank = values.get("rank", 0 if kind in ("kill", "hang", "bitflip", "corrupt_checkpoint") else None)
+        faults.append(Fault(kind, values["step"], rank))
+    return faults
 
 
 @dataclass(frozen=True)
@@ -330,7 +373,9 @@ def split_batch(p: ParallelConfig, t: TrainingConfig, world_size: int) -> Layout
     return Layout(p.dp_replicate, dp_shard, p.tp, p.pp, micro, t.batch_size // (micro * dp))
 
 
-def resolve_layout(cfg: TrainConfig, world_size: int) -> Layout:
+def resolve_layout(cfg: LoopConfig, world_size: int, args=None) -> Layout:
+    """The layout of `cfg` on `world_size` processes for the model `args` (default: the config's own), checked
+    against what tensor and pipeline parallelism need of the model and the sequence length."""
     p = cfg.parallel
     layout = split_batch(p, cfg.training, world_size)
     micro = layout.micro_batch_size
@@ -343,7 +388,7 @@ def resolve_layout(cfg: TrainConfig, world_size: int) -> Layout:
         rounds = max(1, n_micro // p.pp)
         if p.pp_schedule == "interleaved-1f1b" and n_micro % rounds:
             raise ConfigError(f"parallel.pp_microbatches {n_micro}: interleaved 1F1B needs a multiple of {rounds}")
-    args = cfg.model_args()
+    args = args or cfg.model_args()
     for name, heads in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads)):
         if heads % p.tp:
             raise ConfigError(f"parallel.tp {p.tp} must divide the model's {name} ({heads})")

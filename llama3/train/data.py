@@ -16,6 +16,8 @@ from torch import Tensor
 
 from .config import ConfigError
 
+IGNORE = -100  # the target of a token that is not learned (cross_entropy's ignore_index): prompts, padding
+
 
 class SyntheticTokens:
     """Random documents a model can learn: each token is one of 4 successors of the previous one.

@@ -136,12 +136,12 @@ class EventLog:
 
     # ---- this rank's status ----------------------------------------------------------------------------------
 
-    def set_status(self, state: str, step: int | None = None, what: str = "") -> None:
-        """Overwrite this rank's status file (state running / stopped / hang / done)."""
+    def set_status(self, state: str, step: int | None = None, what: str = "", since: float | None = None) -> None:
+        """Overwrite this rank's status file (state running / stopped / hang / done, since now or `since`)."""
         if step is not None:
             self.step = step
         status = {"rank": self.rank, "host": self.host, "pid": os.getpid(), "state": state, "step": self.step,
-                  "what": what, "time": time.time()}
+                  "what": what, "time": time.time() if since is None else since}
         tmp = self.status_path.with_name(self.status_path.name + ".tmp")
         tmp.write_text(json.dumps(status))
         tmp.replace(self.status_path)

@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,37 +27,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .config import ConfigError
+from .config import parse_faults
 
-FAULT_KINDS = ("kill", "nan", "hang", "corrupt_checkpoint", "bitflip", "fail_save")
 HANG_EXIT_CODE = 3
-
-
-@dataclass(frozen=True)
-class Fault:
-    kind: str
-    step: int  # fires just before this (1-based) step runs
-    rank: int | None = None  # None: every rank (kill, hang and bitflip default to rank 0)
-
-
-def parse_faults(specs: list[str], key: str = "faults") -> list[Fault]:
-    """"kind:step=S[:rank=R]" strings -> Faults; a bad spec is a ConfigError naming it."""
-    faults = []
-    for spec in specs:
-        kind, *fields = spec.strip().split(":")
-        values = {}
-        for f in fields:
-            name, sep, value = f.partition("=")
-            if not sep or name not in ("step", "rank") or not value.strip().isdigit():
-                raise ConfigError(f"{key}: bad fault {spec!r}: expected kind:step=S[:rank=R]")
-            values[name] = int(value)
-        if kind not in FAULT_KINDS:
-            raise ConfigError(f"{key}: unknown fault kind {kind!r} in {spec!r}; one of {', '.join(FAULT_KINDS)}")
-        if "step" not in values:
-            raise ConfigError(f"{key}: fault {spec!r} needs step=S")
-        rank = values.get("rank", 0 if kind in ("kill", "hang", "bitflip", "corrupt_checkpoint") else None)
-        faults.append(Fault(kind, values["step"], rank))
-    return faults
 
 
 class FaultInjector:

@@ -46,7 +46,7 @@ def run_replica(opts) -> None:
     from ..model import Transformer
     from .config import load_config
     from .data import SyntheticTokens
-    from .trainer import build_optimizer, cross_entropy, lr_multiplier
+    from .trainer import build_optimizer, lr_multiplier
     imported = time.time()
 
     cfg = load_config(None, opts.overrides)
@@ -91,7 +91,7 @@ def run_replica(opts) -> None:
         inputs, targets, _ = next(data)
         begin = time.perf_counter()
         ft_optimizer.zero_grad()  # starts this step's quorum
-        loss = cross_entropy(ddp(inputs), targets)
+        loss = torch.nn.functional.cross_entropy(ddp(inputs).flatten(0, 1), targets.flatten(0, 1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         ft_optimizer.step()  # applied only if every replica in the quorum finished the step

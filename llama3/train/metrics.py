@@ -3,13 +3,18 @@ JSONL, TensorBoard, a loss-curve PNG)."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import json
+import re
 import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..args import ModelArgs
 from ..fast import onednn_linear
@@ -23,12 +28,19 @@ def matmul_params(args: ModelArgs) -> int:
     return args.num_params() - lookup - norms
 
 
-def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+def flops_per_token(args: ModelArgs, seq_len: float, trained_params: int | None = None) -> float:
     """Training FLOPs per token: 6 per matmul parameter (forward 2, backward 4), plus attention's two T x T
     matmuls (QK^T and AV: 4 * T * dim forward per layer, x3 with backward), halved because causal attention skips
-    the upper triangle. Document masking skips more, but is not credited."""
+    the upper triangle. Document masking skips more, but is not credited.
+
+    `trained_params` (adapters): the base is frozen, so its weights get no gradient matmul: forward 2 and input
+    gradient 2 per weight. The first block's q/k/v projections need no input gradient either, since nothing
+    before them trains. The adapters themselves cost 6 per parameter."""
     attention = 12 * args.n_layers * args.dim * seq_len / 2
-    return 6 * matmul_params(args) + attention
+    if trained_params is None:
+        return 6 * matmul_params(args) + attention
+    first_qkv = args.dim * (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+    return 4 * matmul_params(args) - 2 * first_qkv + 6 * trained_params + attention
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None = None,
@@ -62,11 +74,33 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring peak memory from now: setup (e.g. loading full-precision weights to quantize) not counted."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        # glibc keeps freed heap memory (the weights replaced by 4-bit codes) resident until asked to return it.
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the peak resident set from the current one
+
+
 def peak_memory_gib(device: torch.device) -> float:
-    """Peak allocated accelerator memory, or on CPU the peak resident memory of this process."""
+    """Peak allocated accelerator memory since the reset, or on CPU the peak resident memory of the process."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    with contextlib.suppress(OSError):
+        if m := re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()):
+            return int(m.group(1)) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def tensor_gib(model: nn.Module) -> float:
+    """Memory held by the model's parameters and buffers (4-bit codes count as what they are)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # a tied weight counts once
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**30
 
 
 class MetricsWriter:
@@ -100,7 +134,7 @@ class MetricsWriter:
         self.jsonl.flush()
         if self.tb is not None:
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
+                if key not in ("step", "time") and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, record["step"])
         print(format_record(record), file=self.stream, flush=True)
 
@@ -126,11 +160,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
+STEP_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "tflops_per_device", "mfu",
+             "peak_mem_gib", "step_time_s", "tokens_seen", "time", "replayed")
+
+
 def format_record(r: dict) -> str:
+    """One console line; an objective's own statistics (DPO's reward margin and accuracy) follow the loss."""
+    extra = " | ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in r.items() if k not in STEP_KEYS + ("val_loss",))
     if "val_loss" in r:
-        return f"step {r['step']:>6} | val loss {r['val_loss']:.4f}"
-    parts = [f"step {r['step']:>6}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm']:.3f}",
-             f"{r['tokens_per_s']:,.0f} tok/s ({r['tokens_per_s_per_device']:,.0f}/dev)",
+        return " | ".join([f"step {r['step']:>6}", f"val loss {r['val_loss']:.4f}"] + ([extra] if extra else []))
+    parts = [f"step {r['step']:>6}", f"loss {r['loss']:.4f}", *([extra] if extra else []), f"lr {r['lr']:.2e}",
+             f"gnorm {r['grad_norm']:.3f}", f"{r['tokens_per_s']:,.0f} tok/s ({r['tokens_per_s_per_device']:,.0f}/dev)",
              f"{r['tflops_per_device']:.3g} TFLOP/s/dev", f"MFU {100 * r['mfu']:.1f}%",
              f"mem {r['peak_mem_gib']:.2f} GiB", f"{r['step_time_s']:.2f}s"]
     return " | ".join(parts) + (" (replayed)" if r.get("replayed") else "")

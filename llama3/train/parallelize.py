@@ -22,7 +22,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from ..fast import can_use_onednn_linears, use_onednn_linears
 from ..model import Attention
-from .config import Layout, TrainConfig
+from .config import Layout, LoopConfig
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -44,12 +44,13 @@ def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
     return mesh["dp_replicate", "dp_shard"]
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainConfig, *, param_dtype: torch.dtype,
-                pipelined: bool = False) -> nn.Module:
-    """Apply the configured parallelism in place. `mesh` None: a single process (only AC and compile apply)."""
+def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: LoopConfig, *, param_dtype: torch.dtype,
+                pipelined: bool = False, loss_parallel: bool = False) -> nn.Module:
+    """Apply the configured parallelism in place. `mesh` None: a single process (only AC and compile apply).
+    `loss_parallel`: under TP the logits stay sharded over the vocabulary (the loss must run in loss_parallel())."""
     tensor_parallel = mesh is not None and mesh["tp"].size() > 1
     if tensor_parallel:
-        apply_tensor_parallel(model, mesh["tp"], loss_parallel=cfg.parallel.loss_parallel and not pipelined)
+        apply_tensor_parallel(model, mesh["tp"], loss_parallel=loss_parallel)
     elif cfg.training.onednn_linears and param_dtype == torch.float32 and can_use_onednn_linears(model):
         use_onednn_linears(model)
     if cfg.training.activation_checkpointing != "none":
@@ -80,22 +81,34 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: 
     # Attention.forward takes (x, cos, sin, mask, cache, positions, kv_len); only x is sequence-sharded.
     n_attention_args = len(inspect.signature(Attention.forward).parameters) - 1
     none_args = (None,) * (n_attention_args - 1)
-    block_plan = {
-        "attention_norm": SequenceParallel(),
-        "attention": PrepareModuleInput(input_layouts=(Shard(1), *none_args),
-                                        desired_input_layouts=(Replicate(), *none_args)),
-        "attention.wq": ColwiseParallel(),
-        "attention.wk": ColwiseParallel(),
-        "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
-        "ffn_norm": SequenceParallel(),
-        "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-        "feed_forward.w1": ColwiseParallel(),
-        "feed_forward.w3": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-    }
     for block in model.layers.children():
+        block_plan = {
+            "attention_norm": SequenceParallel(),
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), *none_args),
+                                            desired_input_layouts=(Replicate(), *none_args)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        }
+        for name in ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
+                     "feed_forward.w3", "feed_forward.w2"):
+            block_plan.update(projection_plan(block, name))
         parallelize_module(block, tp_mesh, block_plan)
+
+
+def projection_plan(block: nn.Module, name: str) -> dict:
+    """Column-wise for the projections out of the residual stream, row-wise (reduce-scattered over the sequence)
+    for those back into it. A LoRA-wrapped projection (base, lora_a, lora_b) is split so that the adapter's output
+    B A x comes out laid out as the base's W x: column-wise, A's small (rank) output is gathered and B is split
+    like W; row-wise, A is row-wise and reduce-scattered like W, and B runs replicated on each sequence shard."""
+    rowwise = name.endswith((".wo", ".w2"))
+    base = RowwiseParallel(output_layouts=Shard(1)) if rowwise else ColwiseParallel()
+    if not hasattr(block.get_submodule(name), "lora_a"):
+        return {name: base}
+    if rowwise:
+        adapter = (RowwiseParallel(output_layouts=Shard(1)), SequenceParallel(use_local_output=True))
+    else:
+        adapter = (ColwiseParallel(output_layouts=Replicate()), ColwiseParallel())
+    return {f"{name}.base": base, f"{name}.lora_a": adapter[0], f"{name}.lora_b": adapter[1]}
 
 
 # Selective activation checkpointing keeps what is expensive to recompute (matmuls, attention, TP collectives) and

@@ -1,8 +1,11 @@
-"""Pretraining: the training loop, its optimizer and schedule, validation, metrics and checkpoints.
+"""The training loop, once for pretraining and fine-tuning: optimizer and schedule, parallel layouts, validation,
+metrics and goodput, checkpoints and fault handling.
 
-One process or many (launched by torchrun): the parallel layout comes from the config and is applied to the model
-from outside (parallelize.py, pipeline.py); the loop itself only knows whether it drives a pipeline schedule or a
-plain forward/backward.
+What differs between pretraining, SFT and DPO is a `Task` plugged in (pretrain.py, llama3/finetune/tasks.py): the
+model with its transform (none, LoRA, QLoRA) applied before parallelization, the data and its collation into
+`Batch`es, the objective, the FLOP count and the export. One process or many (launched by torchrun): the parallel
+layout comes from the config and is applied to the model from outside (parallelize.py, pipeline.py); the loop
+itself only knows whether it drives a pipeline schedule or a plain forward/backward.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -23,16 +28,15 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from ..args import ModelArgs
-from ..model import Transformer
 from .checkpoint import (CheckpointMismatch, Checkpointer, ModelState, OptimizerState, RNGState, broadcast_object,
                          full_model_state_dict, is_rank0)
-from .config import ConfigError, OptimConfig, TrainConfig, resolve_layout
-from .data import build_loader, data_tokenizer, dataset_dir, document_mask
+from .config import ConfigError, Layout, LoopConfig, OptimConfig, resolve_layout
+from .data import IGNORE, document_mask
 from .events import EventLog, process_age_s, restart_faults
 from .faults import HANG_EXIT_CODE, FaultInjector, LossGuard, replica_mismatch, start_watchdog
 from .goodput import Goodput
+from .metrics import MetricsWriter, measure_peak_flops, peak_memory_gib, plot_losses, reset_peak_memory, synchronize
 from .network import check_multihost_settings
-from .metrics import MetricsWriter, flops_per_token, measure_peak_flops, peak_memory_gib, plot_losses, synchronize
 from .parallelize import build_mesh, parallelize
 from .pipeline import build_pipeline
 
@@ -61,18 +65,8 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]  # adapters are all matrices; DCP cannot restore an empty group
     return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=True)
-
-
-def architecture(args: ModelArgs) -> dict:
-    """What two ModelArgs must share for one's weights to mean the same in the other (all but max_seq_len)."""
-    return {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
-            "vocab_size": args.vocab_size, "ffn_hidden_dim": args.ffn_hidden_dim, "norm_eps": args.norm_eps,
-            "rope_theta": args.rope_theta, "rope_scaling": args.rope_scaling, "tie_embeddings": args.tie_embeddings}
-
-
-def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
 
 
 def plain(t: Tensor) -> Tensor:
@@ -132,9 +126,74 @@ def create_run_dir(name: str, config: dict, distributed: bool) -> Path:
     return path
 
 
+@dataclass
+class Batch:
+    """One micro-batch as the model sees it, each (B, T): inputs, targets (IGNORE where nothing is learned: prompts,
+    padding) and each token's position (restarting at each document of a packed row)."""
+    inputs: Tensor
+    targets: Tensor
+    positions: Tensor
+    tokens: int  # real tokens read, padding excluded (for throughput)
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.inputs.to(device), self.targets.to(device), self.positions.to(device), self.tokens)
+
+
+class NextTokenLoss:
+    """Pretraining's and SFT's objective: the cross-entropy of every learned target, summed. SFT's prompt masking
+    is only labels: targets IGNORE are context. Runs with the logits sharded over the vocabulary (loss parallel)
+    and in a pipeline's last stage."""
+
+    loss_parallel = True
+
+    @staticmethod
+    def count(batch: Batch) -> int:
+        """What the loss averages over: learned tokens."""
+        return int((batch.targets != IGNORE).sum())
+
+    def loss(self, forward, batch: Batch) -> tuple[Tensor, dict]:
+        return self.sum(forward(batch), batch.targets), {}
+
+    @staticmethod
+    def sum(logits: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1), ignore_index=IGNORE,
+                               reduction="sum")
+
+
+class Task(Protocol):
+    """What the loop is told by the kind of training it runs (pretrain.py, llama3/finetune/tasks.py)."""
+
+    args: ModelArgs
+    tokenizer: object  # shipped with the export; None for synthetic data
+    objective: NextTokenLoss  # or DPOLoss: count(batch), loss(forward, batch) -> (summed loss, summed stats)
+    document_masking: bool  # attention stays inside each document of a row (the positions restart)
+    train_data: object  # endless iterator of raw micro-batches with state_dict / load_state_dict
+
+    def default_run_dir(self) -> str: ...
+
+    def build_model(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        """The whole model with its starting weights and transform (LoRA, 4-bit base), before parallelization."""
+
+    def build_data(self, layout: Layout, dp_rank: int) -> None:
+        """Set train_data for this data-parallel rank."""
+
+    def val_batches(self):
+        """The raw micro-batches of one validation, the same every time: (raw, counts); counts False for a batch
+        that only keeps this rank in step with the others."""
+
+    def collate(self, raw) -> Batch: ...
+
+    def flops_per_token(self, seq_len: float) -> float: ...
+
+    def describe(self, trainer: Trainer) -> str: ...
+
+    def export(self, trainer: Trainer) -> Path | None: ...
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: LoopConfig, task: Task):
         self.cfg = cfg
+        self.task, self.objective = task, task.objective
         self.events: EventLog | None = None  # the fault record, once the run directory exists
         self.startup = {"imports": process_age_s()}  # the cold start, itemised in the start line
         self.phase, self.phase_began = None, time.monotonic()
@@ -142,33 +201,38 @@ class Trainer:
         self.beat("rendezvous and process group creation", startup=True)
         self.device, self.distributed = init_distributed(cfg.run.device)
         self.world_size = dist.get_world_size() if self.distributed else 1
-        self.layout = layout = resolve_layout(cfg, self.world_size)
-        self.mesh = build_mesh(layout, self.device.type) if self.distributed else None
-        self.dtype = self.resolve_dtype()
-        self.run_dir = self.make_run_dir()
-        self.events = EventLog(self.run_dir, dist.get_rank() if self.distributed else 0)
+        self.dtype = resolve_dtype(cfg.training.dtype, self.device)
+        self.run_dir = create_run_dir(cfg.run.dir or task.default_run_dir(), cfg.to_dict(), self.distributed)
+        self.rank = dist.get_rank() if self.distributed else 0
+        if self.watchdog is not None:
+            self.watchdog.dump_path = self.run_dir / f"hang-rank{self.rank}.txt"
+        self.events = EventLog(self.run_dir, self.rank)
         previous = self.events.take_previous_statuses() if is_rank0() else []
         if self.distributed:  # rank 0 has read the previous start's statuses before anyone overwrites them
             broadcast_object(None)
             self.events.record_termination()
         self.beat("model build", startup=True)
-        self.args: ModelArgs = cfg.model_args()
-        self.pipelined = layout.pp > 1
 
-        model = self.build_model()
+        model = task.build_model(self.device, self.dtype)
+        self.args: ModelArgs = task.args
+        self.layout = layout = resolve_layout(cfg, self.world_size, self.args)
+        self.mesh = build_mesh(layout, self.device.type) if self.distributed else None
+        self.pipelined = layout.pp > 1
+        self.loss_parallel = (not self.pipelined and layout.tp > 1 and cfg.parallel.loss_parallel
+                              and self.objective.loss_parallel)
         if self.pipelined:
             self.n_microbatches = n_micro = cfg.parallel.pp_microbatches or layout.pp
-            self.loss_divisor = 1  # set per use: micro-batches x accumulation in training, micro-batches in eval
             self.schedule, self.parts, self.has_first, self.has_last = build_pipeline(
                 model, self.mesh["pp"], schedule=cfg.parallel.pp_schedule,
                 stages_per_rank=cfg.parallel.pp_stages_per_rank, n_microbatches=n_micro,
-                loss_fn=self.pipeline_loss, device=self.device, document_masking=cfg.data.document_masking,
+                loss_fn=self.pipeline_loss, device=self.device, document_masking=task.document_masking,
                 parallelize_stage=lambda part: parallelize(part, self.mesh, cfg, param_dtype=self.dtype,
                                                            pipelined=True))
         else:
-            self.parts = [parallelize(model, self.mesh, cfg, param_dtype=self.dtype)]
+            self.parts = [parallelize(model, self.mesh, cfg, param_dtype=self.dtype,
+                                      loss_parallel=self.loss_parallel)]
             self.has_first = self.has_last = True
-        self.loss_parallel = (not self.pipelined and layout.tp > 1 and cfg.parallel.loss_parallel)
+        self.loss_scale = 1.0  # what a summed loss is multiplied by before backward (set per step)
         self.optimizers = [build_optimizer(part, cfg.optim) for part in self.parts]
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_multiplier(s, cfg.optim, cfg.training.steps)) for opt in self.optimizers]
@@ -177,17 +241,12 @@ class Trainer:
         if self.mesh is not None:
             self.dp_rank = (self.mesh["dp_replicate"].get_local_rank() * layout.dp_shard
                             + self.mesh["dp_shard"].get_local_rank())
-        data_dir = dataset_dir(cfg.data.dataset)
-        self.tokenizer = data_tokenizer(data_dir, self.args.vocab_size)
-        loader_args = dict(vocab_size=self.args.vocab_size, batch_size=layout.micro_batch_size,
-                           seq_len=cfg.data.seq_len, rank=self.dp_rank, world_size=layout.dp, seed=cfg.run.seed,
-                           val_fraction=cfg.data.val_fraction)
-        self.train_data = build_loader(data_dir, split="train", **loader_args)
-        self.val_data = build_loader(data_dir, split="val", **loader_args) if cfg.eval.every >= 0 else None
-        self.val_start = self.val_data.state_dict() if self.val_data is not None else None
+        task.build_data(layout, self.dp_rank)
+        self.train_data = task.train_data
 
         self.step = 0
-        self.rank = dist.get_rank() if self.distributed else 0
+        self.losses: list[float] = []  # of the steps this process ran
+        self.val_losses: list[tuple[int, float]] = []  # (step, validation loss)
         self.injector = FaultInjector(cfg.faults.inject, self.run_dir, self.rank)
         self.guard = LossGuard(cfg.faults.spike_zscore, cfg.faults.spike_window)
         self.skip_steps = set(cfg.faults.skip_steps) | self.read_skip_steps()
@@ -204,59 +263,16 @@ class Trainer:
             self.step = self.checkpointer.load_latest() or 0
         self.record_start(restarted)
 
-        self.flops_per_token = flops_per_token(self.args, cfg.data.seq_len)
         if cfg.metrics.peak_tflops:
             self.peak_flops = cfg.metrics.peak_tflops * 1e12
         else:
             self.peak_flops = measure_peak_flops(self.device, self.dtype)
         self.writer = MetricsWriter(self.run_dir, tensorboard=cfg.metrics.tensorboard) if is_rank0() else None
 
-    # ---- setup ---------------------------------------------------------------------------------------------------
-
-    def resolve_dtype(self) -> torch.dtype:
-        return resolve_dtype(self.cfg.training.dtype, self.device)
-
-    def make_run_dir(self) -> Path:
-        name = self.cfg.run.dir or f"runs/{self.cfg.model.preset}-{datetime.now():%Y%m%d-%H%M%S}"
-        return create_run_dir(name, self.cfg.to_dict(), self.distributed)
-
-    def build_model(self) -> Transformer:
-        """The whole model with its starting weights, on every rank: identical whatever the layout, since
-        parallelize() only cuts it up afterwards."""
-        torch.manual_seed(self.cfg.run.seed)
-        with torch.device(self.device):
-            model = Transformer(self.args)
-        if self.cfg.model.init_from:
-            from ..weights import read_checkpoint
-            ckpt = read_checkpoint(self.cfg.model.init_from)
-            theirs, ours = architecture(ckpt.args), architecture(self.args)
-            if theirs != ours:
-                diff = ", ".join(f"{k} {theirs[k]} vs {ours[k]}" for k in ours if theirs[k] != ours[k])
-                raise ConfigError(f"model.init_from {self.cfg.model.init_from}: not the configured model "
-                                  f"({diff}); set model.preset / model.args to match")
-            missing, unexpected = model.load_state_dict({k: v.float() for k, v in ckpt.state_dict.items()},
-                                                        strict=False)
-            if self.args.tie_embeddings:  # the output projection is the embedding; checkpoints may omit it
-                missing = [k for k in missing if k != "output.weight"]
-            if missing or unexpected:
-                raise ConfigError(f"model.init_from {self.cfg.model.init_from}: missing {missing}, "
-                                  f"unexpected {unexpected}")
-        else:
-            model.init_weights(std=self.cfg.model.init_std)
-        return model
-
     # ---- one step ------------------------------------------------------------------------------------------------
 
     def pipeline_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return cross_entropy(logits, targets) / self.loss_divisor
-
-    def next_batch(self, loader) -> tuple[Tensor, Tensor, Tensor]:
-        """(inputs, targets, positions) on the device. Positions restart at each document only with document
-        masking; otherwise a row is one sequence, 0..T-1, whatever documents it holds."""
-        inputs, targets, positions = next(loader)
-        if not self.cfg.data.document_masking:
-            positions = torch.arange(inputs.shape[1]).repeat(inputs.shape[0], 1)
-        return inputs.to(self.device), targets.to(self.device), positions.to(self.device)
+        return self.objective.sum(logits, targets) * self.loss_scale
 
     def autocast(self):
         """Single-process bf16 runs under autocast; distributed ones get bf16 from FSDP's mixed precision."""
@@ -264,35 +280,64 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=self.dtype)
         return contextlib.nullcontext()
 
-    def forward_loss(self, inputs: Tensor, targets: Tensor, positions: Tensor) -> Tensor:
-        mask = document_mask(positions) if self.cfg.data.document_masking else None
-        with self.autocast():
-            logits = self.parts[0](inputs, positions, attn_mask=mask)
-        with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
-            return cross_entropy(logits, targets)
+    def loss_context(self):
+        return loss_parallel() if self.loss_parallel else contextlib.nullcontext()
 
-    def train_step(self, poison: bool = False) -> tuple[float, float, str | None]:
-        """One optimizer step over grad_accum micro-batches; returns (mean loss over all ranks, gradient norm,
-        why the step was skipped or None). The loss guard sees the step before the optimizer applies it; a
-        skipped step consumes its batch and moves the schedule on, but leaves parameters and optimizer alone.
-        `poison` (fault injection) turns the gradients into NaN, as an overflow would."""
-        accum = self.layout.grad_accum
-        total = torch.zeros((), device=self.device)
-        for micro in range(accum):
-            inputs, targets, positions = self.next_batch(self.train_data)
-            if self.pipelined:
-                losses = []
-                self.loss_divisor = self.n_microbatches * accum
-                self.run_pipeline(self.schedule.step, inputs, targets, positions, losses)
-                if self.has_last:
-                    total += torch.stack(losses).sum().detach()
-            else:
-                if self.mesh is not None:  # reduce gradients across data-parallel ranks only after the last one
-                    self.parts[0].set_requires_gradient_sync(micro == accum - 1)
-                loss = self.forward_loss(inputs, targets, positions) / accum
-                with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
-                    loss.backward()
-                total += plain(loss.detach())
+    def forward(self, batch: Batch) -> Tensor:
+        """Logits of a micro-batch (not pipelined)."""
+        mask = document_mask(batch.positions) if self.task.document_masking else None
+        with self.autocast():
+            return self.parts[0](batch.inputs, batch.positions, attn_mask=mask)
+
+    def global_sum(self, values: list[float]) -> list[float]:
+        """Sum per-rank values over the data-parallel ranks. Tensor-parallel peers hold the same values and only
+        last pipeline stages hold them at all, so everyone adds theirs (zero off the last stage) and the total
+        is divided by the copies."""
+        t = torch.tensor(values if self.has_last else [0.0] * len(values), dtype=torch.float64, device=self.device)
+        if self.distributed:
+            dist.all_reduce(t)
+            t /= self.layout.tp
+        return t.tolist()
+
+    def next_batches(self) -> list[Batch]:
+        return [self.task.collate(next(self.train_data)).to(self.device) for _ in range(self.layout.grad_accum)]
+
+    def run_batch(self, batch: Batch, train: bool, stats: dict) -> Tensor:
+        """The summed loss of one micro-batch (times loss_scale in a pipeline), with backward when training; its
+        statistics are added to `stats`."""
+        if self.pipelined:
+            losses = []
+            args = (batch.inputs, batch.positions) if self.has_first else ()
+            fn = self.schedule.step if train else self.schedule.eval
+            fn(*args, target=batch.targets if self.has_last else None, losses=losses if self.has_last else None)
+            return torch.stack(losses).sum().detach() if self.has_last else torch.zeros((), device=self.device)
+        with self.loss_context():
+            loss, extra = self.objective.loss(self.forward, batch)
+            if train:
+                (loss * self.loss_scale).backward()
+        for k, v in extra.items():
+            stats[k] = stats.get(k, 0.0) + float(v)
+        return plain(loss.detach())
+
+    def train_step(self, poison: bool = False) -> tuple[dict, str | None]:
+        """One optimizer step over grad_accum micro-batches. The loss is the mean over every learned unit (token,
+        or pair for DPO) of the global batch however the layout splits it; returns the step's record (loss, lr,
+        grad_norm, tokens, the objective's statistics) and why the step was skipped or None. The loss guard sees
+        the step before the optimizer applies it; a skipped step consumes its batch and moves the schedule on,
+        but leaves parameters and optimizer alone. `poison` (fault injection) turns the gradients into NaN, as an
+        overflow would."""
+        batches = self.next_batches()
+        count, tokens, rows = self.global_sum([sum(self.objective.count(b) for b in batches),
+                                               sum(b.tokens for b in batches), sum(len(b.inputs) for b in batches)])
+        # Data-parallel gradients are averaged over the ranks: scale so that the result is the global mean.
+        self.loss_scale = self.layout.dp / max(count, 1)
+        total, stats = torch.zeros((), device=self.device), {}
+        for i, batch in enumerate(batches):
+            if self.mesh is not None and not self.pipelined:  # reduce gradients only after the last micro-batch
+                self.parts[0].set_requires_gradient_sync(i == len(batches) - 1)
+            total += self.run_batch(batch, True, stats)
+        if self.pipelined:
+            total = total / self.loss_scale
         if poison:
             total = total * float("nan")
             for part in self.parts:
@@ -300,14 +345,17 @@ class Trainer:
                     if p.grad is not None:
                         p.grad.fill_(float("nan"))
         grad_norm = self.clip_gradients()
-        loss = self.mean_over_data_parallel(total)
-        problem = self.guard.check(loss, grad_norm)
+        keys = sorted(stats)
+        sums = self.global_sum([float(total), *(stats[k] for k in keys)])
+        record = {"loss": sums[0] / max(count, 1), "lr": self.schedulers[0].get_last_lr()[0], "grad_norm": grad_norm,
+                  **{k: v / max(count, 1) for k, v in zip(keys, sums[1:])}, "tokens": tokens, "rows": rows}
+        problem = self.guard.check(record["loss"], grad_norm)
         for opt, sched in zip(self.optimizers, self.schedulers):
             if problem is None:
                 opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-        return loss, grad_norm, problem
+        return record, problem
 
     def skip_batch(self) -> None:
         """Consume one step's data and move the schedule on, without computing anything."""
@@ -315,10 +363,6 @@ class Trainer:
             next(self.train_data)
         for sched in self.schedulers:
             sched.step()
-
-    def run_pipeline(self, fn, inputs: Tensor, targets: Tensor, positions: Tensor, losses: list) -> None:
-        args = (inputs, positions) if self.has_first else ()
-        fn(*args, target=targets if self.has_last else None, losses=losses if self.has_last else None)
 
     def clip_gradients(self) -> float:
         """Clip the global gradient norm (over every shard and pipeline stage) to optim.grad_clip; return it."""
@@ -333,42 +377,37 @@ class Trainer:
             torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.grad_clip, norm, foreach=True)
         return norm.item()
 
-    def mean_over_data_parallel(self, value: Tensor) -> float:
-        """Average a per-rank loss over the data-parallel ranks. Tensor-parallel peers hold the same value and
-        only last pipeline stages hold one at all, so sum everything and divide by the count of holders."""
-        if not self.distributed:
-            return value.item()
-        value = value.clone() if self.has_last else torch.zeros_like(value)
-        dist.all_reduce(value)
-        return value.item() / (self.layout.dp * self.layout.tp)
-
     @torch.no_grad()
-    def validate(self) -> float:
-        """Mean loss over eval.steps global batches of validation data; the same batches every time."""
-        self.val_data.load_state_dict(self.val_start)
-        total = torch.zeros((), device=self.device)
-        n_batches = self.cfg.eval.steps * self.layout.grad_accum
-        for _ in range(n_batches):
-            inputs, targets, positions = self.next_batch(self.val_data)
-            if self.pipelined:
-                losses = []
-                self.loss_divisor = self.n_microbatches
-                self.run_pipeline(self.schedule.eval, inputs, targets, positions, losses)
-                if self.has_last:
-                    total += torch.stack(losses).sum()
-            else:
-                total += plain(self.forward_loss(inputs, targets, positions))
-        return self.mean_over_data_parallel(total / n_batches)
+    def validate(self) -> dict:
+        """Mean loss (and the objective's statistics) over the task's validation batches."""
+        for part in self.parts:
+            part.eval()
+        self.loss_scale = 1.0
+        total, count, stats = 0.0, 0, {}
+        for raw, counts in self.task.val_batches():
+            batch = self.task.collate(raw).to(self.device)
+            extra = {}
+            loss = self.run_batch(batch, False, extra)
+            if counts:
+                total, count = total + float(loss), count + self.objective.count(batch)
+                for k, v in extra.items():
+                    stats[k] = stats.get(k, 0.0) + v
+        for part in self.parts:
+            part.train()
+        keys = sorted(stats)
+        total, count, *sums = self.global_sum([total, count, *(stats[k] for k in keys)])
+        return {"val_loss": total / max(count, 1), **{f"val_{k}": v / max(count, 1) for k, v in zip(keys, sums)}}
 
     # ---- the loop ------------------------------------------------------------------------------------------------
 
     def fit(self) -> list[float]:
         """Train to training.steps; returns the per-step losses of this call."""
         cfg = self.cfg
-        losses = []
-        tokens_per_step = cfg.training.batch_size * cfg.data.seq_len
         if self.writer is not None:
-            self.writer.print(self.describe())
+            self.writer.print(self.task.describe(self))
+        if cfg.eval.at_start and cfg.eval.every >= 0 and self.step == 0:
+            self.log_validation()
+        reset_peak_memory(self.device)
         last_save = time.monotonic()
         while self.step < cfg.training.steps:
             step = self.step + 1
@@ -379,9 +418,8 @@ class Trainer:
                 self.step = step
                 self.log(f"step {step}: batch skipped (faults.skip_steps)")
                 continue
-            lr = self.schedulers[0].get_last_lr()[0]  # the rate this step uses
             start = time.perf_counter()
-            loss, grad_norm, problem = self.train_step(poison=self.injector.due("nan", step))
+            record, problem = self.train_step(poison=self.injector.due("nan", step))
             synchronize(self.device)
             elapsed = time.perf_counter() - start
             self.step = step
@@ -396,21 +434,11 @@ class Trainer:
                 continue
             self.goodput.add_step(elapsed)
             self.events.productive(self.step)
-            losses.append(loss)
-            if self.writer is not None and (self.step % cfg.training.log_every == 0 or self.step == 1):
-                flops = self.flops_per_token * tokens_per_step / elapsed / self.world_size
-                self.writer.log({
-                    "step": self.step, "loss": loss, "lr": lr,
-                    "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / elapsed,
-                    "tokens_per_s_per_device": tokens_per_step / elapsed / self.world_size,
-                    "tflops_per_device": flops / 1e12, "mfu": flops / self.peak_flops,
-                    "peak_mem_gib": peak_memory_gib(self.device), "step_time_s": elapsed,
-                    "tokens_seen": self.step * tokens_per_step})
+            self.losses.append(record["loss"])
+            self.log_step(record, elapsed)
             last = self.step == cfg.training.steps
-            if self.val_data is not None and ((cfg.eval.every and self.step % cfg.eval.every == 0) or last):
-                val = self.validate()
-                if self.writer is not None:
-                    self.writer.log({"step": self.step, "val_loss": val})
+            if cfg.eval.every >= 0 and ((cfg.eval.every and self.step % cfg.eval.every == 0) or last):
+                self.log_validation()
             save = cfg.checkpoint.enabled and not last and (
                 (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0)
                 or self.minutes_passed(last_save, cfg.checkpoint.every_minutes))
@@ -425,8 +453,9 @@ class Trainer:
         self.beat("final checkpoint and export")
         if cfg.checkpoint.enabled:
             self.checkpointer.save(self.step, block=True)
-        if cfg.checkpoint.export:
-            self.export(self.run_dir / "model")
+        for part in self.parts:
+            part.eval()
+        self.output = self.task.export(self) if cfg.checkpoint.export else None
         summary = self.goodput.summary(self.checkpointer.stall_s)
         self.events.write(
             "end", f"goodput {summary['goodput']:.1%}: {summary['productive_s']:.1f}s of productive steps in "
@@ -440,7 +469,25 @@ class Trainer:
             if cfg.metrics.plot and plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png"):
                 self.writer.print(f"loss curve: {self.run_dir / 'loss.png'}")
             self.writer.close()
-        return losses
+        return self.losses
+
+    def log_step(self, record: dict, elapsed: float) -> None:
+        tokens, rows = record.pop("tokens"), record.pop("rows")
+        if self.writer is None or not (self.step % self.cfg.training.log_every == 0 or self.step == 1):
+            return
+        flops = self.task.flops_per_token(tokens / rows) * tokens / elapsed / self.world_size
+        self.writer.log({
+            "step": self.step, **record, "tokens_per_s": tokens / elapsed,
+            "tokens_per_s_per_device": tokens / elapsed / self.world_size,
+            "tflops_per_device": flops / 1e12, "mfu": flops / self.peak_flops,
+            "peak_mem_gib": peak_memory_gib(self.device), "step_time_s": elapsed,
+            "tokens_seen": self.step * tokens})
+
+    def log_validation(self) -> None:
+        val = self.validate()
+        self.val_losses.append((self.step, val["val_loss"]))
+        if self.writer is not None:
+            self.writer.log({"step": self.step, **val})
 
     # ---- recovery ------------------------------------------------------------------------------------------------
 
@@ -464,7 +511,7 @@ class Trainer:
     def record_hang(self, message: str, waited_s: float, what: str) -> None:
         """The watchdog fired (its thread): each hung rank records itself, since rank 0 may be the one stuck."""
         events = self.events or EventLog(Path(self.cfg.run.dir or "."), int(os.environ.get("RANK", 0)))
-        events.set_status("hang", what=what)
+        events.set_status("hang", what=what, since=time.time() - waited_s)
         events.fault("hang", message, everyone=True, at=time.time() - waited_s, phase=what)
         events.write("action", f"rank {events.rank} exits with code {HANG_EXIT_CODE} for the launcher to restart "
                      "the job", everyone=True, kind="exit", code=HANG_EXIT_CODE)
@@ -535,26 +582,13 @@ class Trainer:
         self.rollback(f"parameter fingerprints of data-parallel replicas differ (ranks {sorted(set(bad))})")
         return True
 
-    def describe(self) -> str:
-        layout, args, cfg = self.layout, self.args, self.cfg
-        return (f"training {cfg.model.preset} ({args.num_params() / 1e6:.1f}M parameters) on {self.world_size} "
-                f"{self.device.type} process(es): dp_replicate={layout.dp_replicate} dp_shard={layout.dp_shard} "
-                f"tp={layout.tp} pp={layout.pp}, {cfg.training.batch_size} x {cfg.data.seq_len} tokens per step "
-                f"(micro batch {layout.micro_batch_size}, {layout.grad_accum} accumulation), {self.dtype}, "
-                f"peak {self.peak_flops / 1e12:.3g} TFLOP/s per device -> {self.run_dir}")
-
-    def export(self, path: Path) -> None:
-        """Write the trained model where `llama3.load` and `llama3 chat` read it (Hugging Face layout)."""
+    def full_state_dict(self, trained_only: bool = False) -> dict[str, Tensor]:
+        """The whole unsharded model (or only what trains) on rank 0; empty elsewhere. Collective."""
         contribute = True
         if self.mesh is not None:
-            contribute = self.mesh["dp_replicate"].get_local_rank() == 0 and self.mesh["dp_shard"].get_local_rank() \
-                == 0 and self.mesh["tp"].get_local_rank() == 0
-        state = full_model_state_dict(self.parts, gather_pipeline=self.pipelined, contribute=contribute)
-        if not is_rank0():
-            return
-        from ..export import save_checkpoint
-        save_checkpoint(path, self.args, state, layout=self.cfg.checkpoint.export_layout, tokenizer=self.tokenizer)
-        self.writer.print(f"model: {path}")
+            contribute = all(self.mesh[d].get_local_rank() == 0 for d in ("dp_replicate", "dp_shard", "tp"))
+        return full_model_state_dict(self.parts, gather_pipeline=self.pipelined, contribute=contribute,
+                                     trained_only=trained_only)
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():

@@ -1,29 +1,15 @@
 """Checkpoint formats. Each reader returns a `Checkpoint`: ModelArgs + a state dict in Meta's parameter names +
-the tokenizer that came with the weights. Writers take the same pieces back out."""
+the tokenizer that came with the weights. Writers take the same pieces back out. Formats know nothing of
+quantization or of the model: quantization (llama3/quantize.py) stands above them, and so do model building and
+`llama3.load` (llama3/llama.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from torch import Tensor
+from .checkpoint import Checkpoint, WeightsError, check_state_dict, read_tokenizer
 
-from ..args import ModelArgs
-
-
-class WeightsError(ValueError):
-    """A checkpoint that cannot be used: the message names the file and what is wrong with it."""
-
-
-@dataclass
-class Checkpoint:
-    args: ModelArgs
-    state_dict: dict[str, Tensor]
-    tokenizer: Any = None
-    chat_template: str | None = None
-    format: str = ""
-    metadata: dict = field(default_factory=dict)
+__all__ = ["Checkpoint", "WeightsError", "check_state_dict", "read_tokenizer", "detect_format", "read_checkpoint"]
 
 
 def detect_format(path: str | Path) -> str:
@@ -51,67 +37,21 @@ def detect_format(path: str | Path) -> str:
                        f"config.json + *.safetensors, or one .gguf file)")
 
 
-def read_checkpoint(path: str | Path, quantize: str | None = None, group_size: int = 32) -> Checkpoint:
-    """Read any supported checkpoint. With `quantize` ("int8" or "int4") the state dict comes back in the portable
-    quantized form of llama3/quantize.py, converted tensor by tensor (GGUF 4-bit blocks are repacked, not
-    inflated to fp32 first)."""
+def read_checkpoint(path: str | Path, blocks: bool = False) -> Checkpoint:
+    """Read any supported checkpoint: ModelArgs, tensors in Meta's names, the tokenizer. GGUF block-quantized
+    tensors come back dequantized to fp32, or with `blocks` as `gguf.GGUFTensor` handles on their raw blocks (for
+    a quantizer to repack); llama3's quantized directories hold portable quantized tensors (metadata
+    "quantization" says which)."""
     fmt = detect_format(path)
     p = Path(path)
     if fmt == "gguf":
         from .gguf import read_gguf
-        return read_gguf(p if p.is_file() else sorted(p.glob("*.gguf"))[0], quantize, group_size)
+        return read_gguf(p if p.is_file() else sorted(p.glob("*.gguf"))[0], blocks)
     if fmt == "quantized":
         from .quantized import read_quantized
-        ckpt = read_quantized(p)
-        if quantize and quantize != ckpt.metadata["quantization"]["scheme"]:
-            raise WeightsError(f"{p} is already quantized as {ckpt.metadata['quantization']['scheme']}; "
-                               f"re-quantize from the original checkpoint instead")
-        return ckpt
+        return read_quantized(p)
     if fmt == "meta":
         from .meta import read_meta
-        ckpt = read_meta(p)
-    else:
-        from .hf import read_hf
-        ckpt = read_hf(p)
-    if quantize:
-        from ..quantize import quantize_state_dict
-        ckpt.state_dict = quantize_state_dict(ckpt.state_dict, quantize, group_size)
-        ckpt.metadata["quantization"] = {"scheme": quantize, "group_size": group_size}
-    return ckpt
-
-
-def read_tokenizer(path: Path):
-    """The tokenizer stored in a checkpoint directory and its chat template (None for Llama 3's own format).
-
-    Meta's tiktoken file (tokenizer.model, or original/tokenizer.model in HF repositories) is preferred: it is the
-    exact Llama 3 tokenizer. Otherwise a byte-level BPE tokenizer.json; otherwise (None, None)."""
-    import json
-    template = None
-    tok_cfg = path / "tokenizer_config.json"
-    if tok_cfg.exists():
-        try:
-            template = json.loads(tok_cfg.read_text()).get("chat_template")
-        except json.JSONDecodeError as e:
-            raise WeightsError(f"{tok_cfg}: not valid JSON ({e})") from None
-    for candidate in (path / "tokenizer.model", path / "original" / "tokenizer.model"):
-        if candidate.exists():
-            from ..tokenizer import Tokenizer
-            return Tokenizer(str(candidate)), None
-    if (path / "tokenizer.json").exists():
-        from ..tokenizer import BPETokenizer
-        return BPETokenizer.from_tokenizer_json(path / "tokenizer.json"), template
-    return None, template
-
-
-def check_state_dict(state_dict: dict[str, Tensor], expected: dict[str, tuple[int, ...]], source: str) -> None:
-    """Names and shapes must match the model exactly; say which ones do not."""
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or unexpected:
-        raise WeightsError(f"{source}: tensors do not match the model: missing {missing[:5]}"
-                           f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                           f"{'...' if len(unexpected) > 5 else ''}")
-    for name, shape in expected.items():
-        if tuple(state_dict[name].shape) != tuple(shape):
-            raise WeightsError(f"{source}: tensor {name} has shape {tuple(state_dict[name].shape)}, "
-                               f"the model config needs {tuple(shape)}")
+        return read_meta(p)
+    from .hf import read_hf
+    return read_hf(p)

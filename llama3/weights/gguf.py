@@ -1,24 +1,29 @@
-"""GGUF files (llama.cpp) of architecture `llama`: metadata -> ModelArgs, tensors dequantized with vectorized torch.
+"""GGUF files (llama.cpp) of architecture `llama`: metadata -> ModelArgs, tensors as the file stores them.
 
 llama.cpp's converter already undoes HF's q/k permutation, so GGUF q/k rows are in Meta's interleaved order.
-Block formats (ggml-common.h): Q8_0 = fp16 scale + 32 int8; Q4_0 = fp16 scale + 32 4-bit values (offset 8);
-Q4_1 = fp16 scale + fp16 min + 32 4-bit values. Low nibbles are elements 0..15 of a block, high nibbles 16..31.
+A tensor is either a float array (F32, F16, BF16: read as torch tensors) or block-quantized (Q8_0, Q4_K, IQ4_XS, ...:
+kept as a `GGUFTensor`, a handle on its raw blocks that a reader dequantizes, or a quantizer repacks, one tensor at a
+time). Dequantization is the `gguf` package's own (`gguf.quants.dequantize`, vectorized numpy), applied to slices
+of rows so temporaries stay small: the values are exactly the package's, for every type it can dequantize.
 """
 
 from __future__ import annotations
 
+import functools
 import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf.quants
 import numpy as np
 import torch
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import Tensor
 
 from ..args import ModelArgs, RopeScaling
-from . import Checkpoint, WeightsError
+from .checkpoint import Checkpoint, WeightsError
 
 _LAYER_NAMES = {
     "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
@@ -26,10 +31,7 @@ _LAYER_NAMES = {
     "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
 }
 _TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}  # each block holds 32 weights
-_ELEMENT_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
-_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_TENSOR_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 30: "BF16"}  # ggml type ids we can read
+_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # read as they are
 # Metadata value types of the GGUF format: scalars by struct code; 8 is a string, 9 an array.
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
@@ -46,13 +48,58 @@ def meta_name(gguf_name: str) -> str | None:
     return None
 
 
+def type_name(type_id: int) -> str:
+    """A ggml tensor type by its name (Q6_K, IQ4_XS, ...), as llama.cpp and the gguf package spell it."""
+    try:
+        return GGMLQuantizationType(type_id).name
+    except ValueError:
+        return f"unknown type id {type_id}"
+
+
+@functools.cache
+def can_dequantize(kind: str) -> bool:
+    """Whether the installed gguf package dequantizes this type (probed on one zero block)."""
+    if kind in _FLOAT_DTYPES:
+        return True
+    if kind not in GGMLQuantizationType.__members__:
+        return False
+    qtype = GGMLQuantizationType[kind]
+    try:
+        gguf.quants.dequantize(np.zeros((1, GGML_QUANT_SIZES[qtype][1]), np.uint8), qtype)
+    except (NotImplementedError, KeyError):
+        return False
+    return True
+
+
+def supported_types() -> list[str]:
+    return [t.name for t in GGMLQuantizationType if can_dequantize(t.name)]
+
+
 @dataclass(frozen=True)
 class GGUFTensor:
+    """One tensor of a GGUF file: where its bytes are and how they are laid out; `raw()` reads them."""
+
+    path: Path
     name: str
-    kind: str  # F32, F16, BF16, Q8_0, Q4_0, Q4_1, or "type N" for a type we cannot read
+    kind: str  # the ggml type name: F32, F16, BF16, Q8_0, Q4_K, Q6_K, ...
     shape: tuple[int, ...]  # PyTorch order (GGUF lists dims fastest-first)
     offset: int  # absolute position of the data in the file
     nbytes: int
+
+    @property
+    def block(self) -> tuple[int, int]:
+        """(weights per block, bytes per block) of this tensor's type."""
+        return GGML_QUANT_SIZES[GGMLQuantizationType[self.kind]]
+
+    def raw(self) -> Tensor:
+        """The tensor's bytes (uint8, rows x bytes per row), read from the file into fresh memory."""
+        raw = torch.empty(self.nbytes, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            if f.readinto(raw.numpy()) != self.nbytes:
+                raise WeightsError(f"{self.path}: unreadable GGUF file (truncated or corrupted?): "
+                                   f"tensor {self.name} is cut short")
+        return raw.reshape(self.shape[0] if len(self.shape) > 1 else 1, -1)
 
 
 class GGUFFile:
@@ -95,13 +142,15 @@ class GGUFFile:
         data_start = -(-self._pos // alignment) * alignment
         self.tensors: dict[str, GGUFTensor] = {}
         for name, shape, type_id, offset in infos:
-            kind = _TENSOR_TYPES.get(type_id, f"type {type_id}")
+            kind = type_name(type_id)
             numel = int(np.prod(shape)) if shape else 1
-            if kind in BLOCK_BYTES:
-                nbytes = numel // 32 * BLOCK_BYTES[kind]
-            else:
-                nbytes = numel * _ELEMENT_BYTES.get(kind, 0)
-            self.tensors[name] = GGUFTensor(name, kind, shape, data_start + offset, nbytes)
+            nbytes = 0
+            if kind in GGMLQuantizationType.__members__:
+                block_size, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
+                if shape and shape[-1] % block_size:
+                    raise ValueError(f"tensor {name} has rows of {shape[-1]} weights, not whole {kind} blocks")
+                nbytes = numel // block_size * block_bytes
+            self.tensors[name] = GGUFTensor(self.path, name, kind, shape, data_start + offset, nbytes)
             if data_start + offset + nbytes > len(buf):
                 raise ValueError(f"tensor {name} ends past the end of the file")
 
@@ -131,60 +180,56 @@ class GGUFFile:
             values = np.frombuffer(self._map, dtype, count=n, offset=self._pos).tolist()
             self._pos += n * dtype.itemsize
             return values
+        if item_type == _STRING:  # vocabularies and merges: hundreds of thousands of strings, in one tight loop
+            return self._strings(n)
         return [self._value(item_type) for _ in range(n)]
 
-    def read(self, t: GGUFTensor) -> Tensor:
-        """The raw bytes of one tensor (uint8), read from the file into fresh memory."""
-        raw = torch.empty(t.nbytes, dtype=torch.uint8)
-        with open(self.path, "rb") as f:
-            f.seek(t.offset)
-            if f.readinto(raw.numpy()) != t.nbytes:
-                raise WeightsError(f"{self.path}: unreadable GGUF file (truncated or corrupted?): "
-                                   f"tensor {t.name} is cut short")
-        return raw
+    def _strings(self, n: int) -> list[str]:
+        buf, pos, end, out = self._map, self._pos, len(self._map), []
+        length = struct.Struct("<Q").unpack_from
+        for _ in range(n):
+            (size,) = length(buf, pos)
+            pos += 8 + size
+            if pos > end:
+                raise ValueError("string runs past the end of the file")
+            out.append(buf[pos - size:pos].decode("utf-8", errors="replace"))
+        self._pos = pos
+        return out
 
 
 def field(reader: GGUFFile, key: str, default=None):
     return reader.metadata.get(key, default)
 
 
-def _dequantize_blocks(b: Tensor, kind: str, out: Tensor) -> None:
-    """Blocks (rows, n_blocks, block_bytes) uint8 -> out (rows, n_blocks, 32) fp32, written in place."""
-    scale = b[..., :2].contiguous().view(torch.float16).float()  # (rows, n_blocks, 1)
-    if kind == "Q8_0":
-        out.copy_(b[..., 2:].view(torch.int8)).mul_(scale)
-        return
-    qs = b[..., 2:] if kind == "Q4_0" else b[..., 4:]  # 16 bytes: low nibbles are weights 0..15, high 16..31
-    out[..., :16].copy_(qs & 0x0F)
-    out[..., 16:].copy_(qs >> 4)
-    if kind == "Q4_0":
-        out.sub_(8).mul_(scale)
-    else:  # Q4_1: scale * q + min
-        out.mul_(scale).add_(b[..., 2:4].contiguous().view(torch.float16).float())
+_ROWS_ELEMENTS = 1 << 22  # dequantize ~4M weights at a time so the numpy temporaries stay ~100 MB at most
 
 
 def dequantize(raw: Tensor, kind: str, rows: int) -> Tensor:
-    """Raw GGUF block bytes (uint8) of a (rows, cols) tensor -> fp32 weights, a slice of rows at a time."""
-    b = raw.reshape(rows, -1, BLOCK_BYTES[kind])  # (rows, n_blocks, block_bytes)
-    out = torch.empty(rows, b.shape[1], 32)
-    step = max(1, _CHUNK_ELEMENTS // (b.shape[1] * 32))
+    """Raw GGUF blocks (uint8) of a (rows, cols) tensor -> fp32 (rows, cols), exactly as gguf.quants.dequantize
+    computes them, a slice of rows at a time."""
+    if not can_dequantize(kind):
+        raise WeightsError(f"GGUF tensor type {kind} cannot be dequantized (supported: {', '.join(supported_types())})")
+    raw = raw.reshape(rows, -1).numpy()
+    if kind in _FLOAT_DTYPES:
+        return torch.from_numpy(raw.copy()).view(_FLOAT_DTYPES[kind]).float()
+    qtype = GGMLQuantizationType[kind]
+    block_size, block_bytes = GGML_QUANT_SIZES[qtype]
+    cols = raw.shape[1] // block_bytes * block_size
+    step = max(1, _ROWS_ELEMENTS // max(cols, 1))
+    if rows <= step:
+        return torch.from_numpy(gguf.quants.dequantize(raw, qtype))
+    out = torch.empty(rows, cols)
     for r in range(0, rows, step):
-        _dequantize_blocks(b[r:r + step], kind, out[r:r + step])
-    return out.reshape(rows, -1)
+        out[r:r + step] = torch.from_numpy(gguf.quants.dequantize(raw[r:r + step], qtype))
+    return out
 
 
-def read_tensor(reader: GGUFFile, t: GGUFTensor) -> Tensor:
-    """One tensor, dequantized to fp32 if it is block-quantized (F16/BF16 stay as they are)."""
+def read_tensor(t: GGUFTensor) -> Tensor:
+    """One tensor as floats: F32/F16/BF16 as stored, block-quantized types dequantized to fp32."""
+    raw = t.raw()
     if t.kind in _FLOAT_DTYPES:
-        return reader.read(t).view(_FLOAT_DTYPES[t.kind]).reshape(t.shape)
-    if t.kind in BLOCK_BYTES:
-        return dequantize(reader.read(t), t.kind, t.shape[0] if len(t.shape) > 1 else 1).reshape(t.shape)
-    raise WeightsError(f"{reader.path}: tensor {t.name} has type {t.kind}; "
-                       f"supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1")
-
-
-def open_reader(path: Path) -> GGUFFile:
-    return GGUFFile(path)
+        return raw.view(_FLOAT_DTYPES[t.kind]).reshape(t.shape)
+    return dequantize(raw, t.kind, raw.shape[0]).reshape(t.shape)
 
 
 def _rope_scaling_from_factors(factors: Tensor, args: ModelArgs, source: str) -> RopeScaling:
@@ -199,12 +244,26 @@ def _rope_scaling_from_factors(factors: Tensor, args: ModelArgs, source: str) ->
     raise WeightsError(f"{source}: rope_freqs does not match Llama 3.1 RoPE scaling with a standard factor")
 
 
+# Every `llama.*` key we know. Any other one may change the math (experts, RoPE scaling, soft-capping ...): an error.
+_LLAMA_KEYS = {
+    "block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
+    "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.dimension_count",
+    "vocab_size", "attention.key_length", "attention.value_length", "rope.scaling.type", "rope.scaling.factor",
+    "expert_count", "expert_used_count",
+}
+
+
 def read_args(reader: GGUFFile) -> ModelArgs:
-    """ModelArgs from the metadata (RoPE scaling, stored as a tensor, is filled in by the caller)."""
+    """ModelArgs from the metadata, read as llama.cpp reads it (its defaults where a key is optional there; a
+    missing required key or one we do not know is an error). RoPE scaling, stored as a tensor, is filled in by
+    the caller."""
     source = str(reader.path)
     arch = field(reader, "general.architecture")
     if arch != "llama":
         raise WeightsError(f"{source}: architecture {arch!r} is not supported (only 'llama')")
+    unknown = sorted(k for k in reader.metadata if k.startswith("llama.") and k[6:] not in _LLAMA_KEYS)
+    if unknown:
+        raise WeightsError(f"{source}: metadata {', '.join(unknown)} not understood (it may change the model's math)")
     tensors = reader.tensors
 
     def req(key):
@@ -215,45 +274,47 @@ def read_args(reader: GGUFFile) -> ModelArgs:
 
     if "token_embd.weight" not in tensors:
         raise WeightsError(f"{source}: missing tensor token_embd.weight")
+    if field(reader, "llama.expert_count", 0):
+        raise WeightsError(f"{source}: mixture-of-experts models (llama.expert_count) are not supported")
+    scaling = field(reader, "llama.rope.scaling.type", "none")
+    if scaling != "none" or float(field(reader, "llama.rope.scaling.factor", 1.0)) != 1.0:
+        raise WeightsError(f"{source}: RoPE scaling {scaling!r} (llama.rope.scaling.*) is not supported; Llama 3.1 "
+                           f"scaling is read from the rope_freqs tensor")
     vocab = field(reader, "llama.vocab_size") or tensors["token_embd.weight"].shape[0]
     n_heads = int(req("attention.head_count"))
     args = ModelArgs(
         dim=int(req("embedding_length")), n_layers=int(req("block_count")), n_heads=n_heads,
         n_kv_heads=int(field(reader, "llama.attention.head_count_kv", n_heads)), vocab_size=int(vocab),
-        hidden_dim=int(req("feed_forward_length")),
-        norm_eps=float(field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(field(reader, "llama.rope.freq_base", 10000.0)),
-        max_seq_len=int(field(reader, "llama.context_length", 8192)),
-        tie_embeddings="output.weight" not in tensors,
+        hidden_dim=int(req("feed_forward_length")), norm_eps=float(req("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(field(reader, "llama.rope.freq_base", 10000.0)),  # llama.cpp's default
+        max_seq_len=int(req("context_length")), tie_embeddings="output.weight" not in tensors,
     )
-    if int(field(reader, "llama.rope.dimension_count", args.head_dim)) != args.head_dim:
-        raise WeightsError(f"{source}: partial RoPE (rope.dimension_count != head_dim) is not supported")
+    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+        if int(field(reader, f"llama.{key}", args.head_dim)) != args.head_dim:
+            raise WeightsError(f"{source}: llama.{key} != head_dim {args.head_dim} is not supported")
     return args
 
 
-def read_gguf(path: Path, quantize: str | None = None, group_size: int = 32) -> Checkpoint:
-    """Tensors one at a time: dequantized to fp32, or with `quantize` converted straight to llama3's quantized form
-    (4-bit blocks repacked as they are), so the fp32 model never exists in memory."""
-    reader = open_reader(path)
+def read_gguf(path: Path, blocks: bool = False) -> Checkpoint:
+    """The checkpoint, tensor by tensor in Meta's names. Block-quantized tensors are dequantized to fp32, or with
+    `blocks` left as `GGUFTensor` handles for a quantizer to take as they are (nothing read yet)."""
+    reader = GGUFFile(path)
     source = str(path)
     args = read_args(reader)
-    for name in reader.tensors:
+    for name, t in reader.tensors.items():
         if name != "rope_freqs.weight" and meta_name(name) is None:
             raise WeightsError(f"{source}: unexpected tensor {name!r}")
+        if not can_dequantize(t.kind):
+            raise WeightsError(f"{source}: tensor {name} has type {t.kind}, which cannot be read; "
+                               f"supported: {', '.join(supported_types())}")
     if "rope_freqs.weight" in reader.tensors:
-        factors = read_tensor(reader, reader.tensors["rope_freqs.weight"])
+        factors = read_tensor(reader.tensors["rope_freqs.weight"])
         args.rope_scaling = _rope_scaling_from_factors(factors, args, source)
-    metadata = {"file_type": field(reader, "general.file_type")}
     state_dict = {}
-    if quantize:
-        from ..quantize import quantize_gguf
-        for _, tensors in quantize_gguf(reader, quantize, group_size):
-            state_dict.update(tensors)
-        metadata["quantization"] = {"scheme": quantize, "group_size": group_size}
-    else:
-        for name, t in reader.tensors.items():
-            if name != "rope_freqs.weight":
-                state_dict[meta_name(name)] = read_tensor(reader, t)
+    for name, t in reader.tensors.items():
+        if name != "rope_freqs.weight":
+            keep = blocks and t.kind not in _FLOAT_DTYPES
+            state_dict[meta_name(name)] = t if keep else read_tensor(t)
     tokenizer, template = None, field(reader, "tokenizer.chat_template")
     model = field(reader, "tokenizer.ggml.model")
     if model == "gpt2":
@@ -261,4 +322,5 @@ def read_gguf(path: Path, quantize: str | None = None, group_size: int = 32) -> 
         tokenizer = BPETokenizer.from_gguf(reader)
     elif model is not None:
         raise WeightsError(f"{source}: tokenizer model {model!r} is not supported (only 'gpt2' byte-level BPE)")
-    return Checkpoint(args, state_dict, tokenizer, template, format="gguf", metadata=metadata)
+    return Checkpoint(args, state_dict, tokenizer, template, format="gguf",
+                      metadata={"file_type": field(reader, "general.file_type")})

@@ -8,6 +8,7 @@ converter between the two; everything else is renaming.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from safetensors.torch import safe_open, save_file
 from torch import Tensor
 
 from ..args import ModelArgs, RopeScaling
-from . import Checkpoint, WeightsError, read_tokenizer
+from .checkpoint import Checkpoint, WeightsError, read_tokenizer
 
 _LAYER_NAMES = {  # Meta name inside layers.N -> HF name inside model.layers.N
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -66,49 +67,124 @@ def meta_name(name: str) -> str | None:
     return None
 
 
+# Keys of a Llama config.json that do not change what the model computes (bookkeeping, generation defaults, token
+# ids). Any key outside these and the ones `args_from_config` reads is an error: it may change the math.
+_BOOKKEEPING_KEYS = frozenset({
+    "_name_or_path", "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
+    "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "output_attentions", "output_hidden_states",
+    "return_dict", "id2label", "label2id", "problem_type", "tokenizer_class", "task_specific_params",
+    "_attn_implementation_autoset", "max_length", "min_length", "do_sample", "temperature", "top_p", "top_k",
+    "num_beams", "repetition_penalty", "early_stopping", "num_return_sequences", "chunk_size_feed_forward",
+})
+# Keys whose only supported value is the one Llama 3 uses.
+_FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1,
+          "attention_dropout": 0.0}
+_ROPE_KEYS = {"default": {"rope_type", "rope_theta"},
+              "llama3": {"rope_type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
+                         "original_max_position_embeddings"}}
+
+
+def _rope(cfg: dict, source: str) -> tuple[float, RopeScaling | None]:
+    """RoPE base and scaling from either layout: transformers 5's `rope_parameters` or 4.x's top-level
+    `rope_theta` / `rope_scaling`. Both present must agree. Absent keys take transformers' defaults (theta 10000,
+    no scaling); an unknown rope type or key is an error."""
+    legacy = dict(cfg.get("rope_scaling") or {})
+    if "type" in legacy:  # the oldest spelling of rope_type
+        legacy.setdefault("rope_type", legacy.pop("type"))
+    if "rope_theta" in cfg:
+        legacy["rope_theta"] = cfg["rope_theta"]
+    new = cfg.get("rope_parameters")
+    if new is not None and not isinstance(new, dict):
+        raise WeightsError(f"{source}: rope_parameters must be an object, got {new!r}")
+    rope = dict(new or legacy)
+    if new and legacy:
+        for key in set(rope) | set(legacy):
+            left, right = rope.get(key), legacy.get(key)
+            if left is not None and right is not None and left != right:
+                raise WeightsError(f"{source}: rope_parameters {key}={left!r} disagrees with the top-level "
+                                   f"rope_theta / rope_scaling ({right!r})")
+            rope.setdefault(key, right)
+    kind = rope.get("rope_type", "default")
+    if kind not in _ROPE_KEYS:
+        raise WeightsError(f"{source}: rope_type {kind!r} is not supported (only 'default' and 'llama3')")
+    unknown = sorted(set(rope) - _ROPE_KEYS[kind])
+    if unknown:
+        raise WeightsError(f"{source}: RoPE key(s) {', '.join(unknown)} not understood for rope_type {kind!r}")
+    theta = float(rope.get("rope_theta", 10000.0))
+    if kind == "default":
+        return theta, None
+    try:
+        return theta, RopeScaling(factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+                                  high_freq_factor=float(rope["high_freq_factor"]),
+                                  original_max_seq_len=int(rope["original_max_position_embeddings"]))
+    except KeyError as e:
+        raise WeightsError(f"{source}: llama3 RoPE scaling needs {e.args[0]!r}") from None
+
+
 def args_from_config(cfg: dict, source: str) -> ModelArgs:
+    """ModelArgs from a Llama config.json of any transformers version, with transformers' own defaults for the keys
+    it leaves out (LlamaConfig: rms_norm_eps 1e-6, 2048 positions, untied embeddings)."""
+    read = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+            "intermediate_size", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "head_dim",
+            "rope_theta", "rope_scaling", "rope_parameters"}
+    unknown = sorted(set(cfg) - read - _BOOKKEEPING_KEYS - set(_FIXED))
+    if unknown:
+        raise WeightsError(f"{source}: config key(s) {', '.join(unknown)} not understood (they may change the "
+                           f"model's math)")
+    for key, value in _FIXED.items():
+        if cfg.get(key, value) != value:
+            raise WeightsError(f"{source}: {key}={cfg[key]!r} is not supported (Llama 3 uses {value!r})")
     try:
         dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
         if cfg.get("head_dim") not in (None, dim // n_heads):
             raise WeightsError(f"{source}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
-        scaling = None
-        rs = cfg.get("rope_scaling")
-        if rs:
-            kind = rs.get("rope_type", rs.get("type"))
-            if kind != "llama3":
-                raise WeightsError(f"{source}: unsupported rope_scaling type {kind!r} (only 'llama3')")
-            scaling = RopeScaling(factor=float(rs["factor"]), low_freq_factor=float(rs["low_freq_factor"]),
-                                  high_freq_factor=float(rs["high_freq_factor"]),
-                                  original_max_seq_len=int(rs["original_max_position_embeddings"]))
+        theta, scaling = _rope(cfg, source)
         return ModelArgs(
             dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
             n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
-            hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)), rope_scaling=scaling,
-            max_seq_len=cfg.get("max_position_embeddings", 8192),
+            hidden_dim=cfg["intermediate_size"], norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta, rope_scaling=scaling, max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         )
     except KeyError as e:
         raise WeightsError(f"{source}: missing key {e.args[0]!r}") from None
 
 
-def config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
-    cfg = {
+def config_from_args(args: ModelArgs, dtype: torch.dtype, bos_id: int | None = None,
+                     stop_ids: Iterable[int] = ()) -> dict:
+    """config.json that transformers 4.x (top-level rope_theta / rope_scaling) and 5.x (rope_parameters) both read
+    as this model; eos_token_id lists every id that ends a chat turn."""
+    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
+    scaling = None
+    if args.rope_scaling is not None:
+        s = args.rope_scaling
+        scaling = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                   "high_freq_factor": s.high_freq_factor, "original_max_position_embeddings": s.original_max_seq_len}
+        rope = {**scaling, "rope_theta": args.rope_theta}
+    return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": args.dim, "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
         "num_key_value_heads": args.n_kv_heads, "vocab_size": args.vocab_size,
-        "intermediate_size": args.ffn_hidden_dim, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+        "intermediate_size": args.ffn_hidden_dim, "rms_norm_eps": args.norm_eps,
         "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings,
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "head_dim": args.head_dim,
+        "rope_theta": args.rope_theta, "rope_scaling": scaling, "rope_parameters": rope,
         "torch_dtype": str(dtype).removeprefix("torch."),
-        "rope_scaling": None,
+        **_token_ids(bos_id, stop_ids),
     }
-    if args.rope_scaling is not None:
-        s = args.rope_scaling
-        cfg["rope_scaling"] = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-                               "high_freq_factor": s.high_freq_factor,
-                               "original_max_position_embeddings": s.original_max_seq_len}
-    return cfg
+
+
+def generation_config(bos_id: int | None, stop_ids: Iterable[int]) -> dict:
+    """generation_config.json: HF's generate stops at any of the stop ids (e.g. <|eot_id|>, not only eos)."""
+    return _token_ids(bos_id, stop_ids)
+
+
+def _token_ids(bos_id: int | None, stop_ids: Iterable[int]) -> dict:
+    stops = sorted(stop_ids)
+    ids = {} if bos_id is None else {"bos_token_id": bos_id}
+    if stops:
+        ids["eos_token_id"] = stops[0] if len(stops) == 1 else stops
+    return ids
 
 
 def _read_safetensors(files: list[Path]) -> dict[str, Tensor]:
@@ -155,7 +231,8 @@ def read_hf(path: Path) -> Checkpoint:
     return Checkpoint(args, state_dict, tokenizer, template, format="hf")
 
 
-def write_hf(path: Path, args: ModelArgs, state_dict: dict[str, Tensor]) -> None:
+def write_hf(path: Path, args: ModelArgs, state_dict: dict[str, Tensor], *, bos_id: int | None = None,
+             stop_ids: Iterable[int] = ()) -> None:
     path.mkdir(parents=True, exist_ok=True)
     out = {}
     for name, t in state_dict.items():
@@ -168,4 +245,6 @@ def write_hf(path: Path, args: ModelArgs, state_dict: dict[str, Tensor]) -> None
         out[hf_name(name)] = t.contiguous()
     dtype = next(iter(out.values())).dtype
     save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(config_from_args(args, dtype), indent=2))
+    (path / "config.json").write_text(json.dumps(config_from_args(args, dtype, bos_id, stop_ids), indent=2))
+    if bos_id is not None or stop_ids:
+        (path / "generation_config.json").write_text(json.dumps(generation_config(bos_id, stop_ids), indent=2))

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..args import ModelArgs, RopeScaling
-from . import Checkpoint, WeightsError, read_tokenizer
+from .checkpoint import Checkpoint, WeightsError, read_tokenizer
 
 # Model-parallel shards split these along dim 0 (column-parallel) or the last dim (row-parallel); the rest
 # (the norms) are replicated on every rank.
@@ -29,7 +29,18 @@ def shard_dim(name: str) -> int | None:
     return None
 
 
+# params.json keys: Meta's own (llama-models' ModelArgs) and the three we add (rope_scaling, hidden_dim,
+# tie_embeddings) when Meta's cannot express a model. Anything else (vision, MoE, quantization args) is an error.
+_PARAMS_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+                "norm_eps", "rope_theta", "use_scaled_rope", "rope_scaling_factor", "max_seq_len", "max_batch_size",
+                "rope_scaling", "hidden_dim", "tie_embeddings"}
+
+
 def args_from_params(params: dict, source: str) -> ModelArgs:
+    """ModelArgs from params.json; absent keys take the defaults of Meta's reference code."""
+    unknown = sorted(set(params) - _PARAMS_KEYS)
+    if unknown:
+        raise WeightsError(f"{source}: key(s) {', '.join(unknown)} not understood (they may change the model's math)")
     try:
         scaled = params.get("use_scaled_rope", False)
         return ModelArgs(

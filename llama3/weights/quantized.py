@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..args import ModelArgs
-from . import Checkpoint, WeightsError, read_tokenizer
+from .checkpoint import Checkpoint, WeightsError, read_tokenizer
 
 _DTYPES = {"I8": torch.int8, "U8": torch.uint8, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 CONFIG_NAME = "quantization.json"
