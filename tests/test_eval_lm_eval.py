@@ -163,18 +163,10 @@ def test_rolling_loglikelihood_and_generation_through_the_adapter(llama):
     assert completion == llama.generate("Q: hi\nA:", max_new_tokens=5, stop=["\n"])
 
 
-@pytest.mark.slow  # lm-eval's command line indexes its whole task library first (~20 s)
-def test_lm_eval_command_line_with_local_yaml(llama, task_dir, tmp_path, monkeypatch, capsys):
-    import json
+def test_cuda_asked_for_on_a_machine_without_it_means_the_cpu(monkeypatch):
+    from llama3.eval.lm_eval_adapter import available_device
 
-    from llama3.eval import lm_eval_adapter
-
-    monkeypatch.setattr("llama3.llama.load", lambda name, **_: llama if name == "tiny" else None)
-    monkeypatch.setattr("sys.argv", ["python -m llama3.eval.lm_eval_adapter", "run", "--model", "llama3",
-                                     "--model_args", "model=tiny", "--batch_size", "4", "--tasks", "sample_boolq",
-                                     "--include_path", str(task_dir), "--output_path", str(tmp_path / "out")])
-    lm_eval_adapter.main()
-    (result_file,) = (tmp_path / "out").rglob("results*.json")
-    acc = json.loads(result_file.read_text())["results"]["sample_boolq"]["acc,none"]
-    assert acc == pytest.approx(evaluate(llama, "boolq").metrics["acc"])
-    assert "sample_boolq" in capsys.readouterr().out
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert [available_device(d) for d in ("cuda:0", "cuda", None, "cpu")] == ["cpu"] * 4
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert [available_device(d) for d in ("cuda:0", None, "cpu")] == ["cuda:0", "cuda", "cpu"]

@@ -1,20 +1,27 @@
+import json
 import math
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from llama3.eval.sandbox import SandboxLimits, namespace_prefix, pass_at_k, run_program, run_programs
+from llama3.eval.sandbox import SandboxLimits, pass_at_k, python_files, run_program, run_programs
 from llama3.eval.sandbox_child import landlock_abi
 
 FAST = SandboxLimits(timeout_s=2.5, cpu_seconds=1)
-# Only the kernel's layers: what contains code that gets past (or never meets) the audit hook.
-KERNEL_ONLY = replace(FAST, audit_hook=False)
-needs_namespaces = pytest.mark.skipif(not namespace_prefix(), reason="unshare cannot create namespaces here")
+# Only the namespaces and resource limits: what contains code that gets past (or never meets) the audit hook.
+KERNEL_ONLY = replace(FAST, audit_hook=False, landlock=False)
+# What the user gets by opting out of isolation: the tests' proof that their probes do find what isolation hides.
+UNISOLATED = replace(FAST, isolate=False, audit_hook=False, landlock=False)
 needs_landlock = pytest.mark.skipif(landlock_abi() < 4, reason="kernel lacks Landlock ABI 4 (files + TCP)")
+LAYERS = pytest.mark.parametrize("limits", [FAST, KERNEL_ONLY], ids=["all", "kernel"])
 
 
 def test_passing_and_failing_programs():
@@ -25,9 +32,17 @@ def test_passing_and_failing_programs():
     assert "AssertionError" in bad.stderr
 
 
-def test_writes_inside_the_work_folder_are_allowed():
-    result = run_program("open('scratch.txt', 'w').write('x')\nprint(open('scratch.txt').read())", FAST)
-    assert result.passed and result.stdout.strip() == "x"
+def test_the_standard_library_and_the_work_folder_are_usable():
+    source = """
+import collections, decimal, fractions, hashlib, heapq, json, math, random, re, sqlite3, tempfile, zlib
+open('scratch.txt', 'w').write('x')
+with tempfile.NamedTemporaryFile('w', delete=False) as f:
+    f.write('y')
+print(open('scratch.txt').read(), hashlib.sha256(b'').hexdigest()[:8])
+"""
+    result = run_program(source, FAST)
+    assert result.passed, result.stderr
+    assert result.stdout.split()[:2] == ["x", "e3b0c442"]
 
 
 def test_infinite_loop_is_stopped():
@@ -52,12 +67,36 @@ while True:
 """
 
 
-def test_fork_bomb_is_contained():
+@LAYERS
+def test_fork_bomb_is_contained(limits):
     before = len(os.listdir("/proc"))
-    result = run_program(FORK_BOMB, FAST)
+    result = run_program(FORK_BOMB, limits)
     assert not result.passed
     # the machine did not fill with processes (a bomb that ran would leave thousands)
     assert len(os.listdir("/proc")) < before + 50
+
+
+COUNT_FORKS = """
+import os, time
+children = 0
+for _ in range(60):
+    try:
+        if os.fork() == 0:
+            time.sleep(2)
+            os._exit(0)
+        children += 1
+    except OSError:
+        break
+print(children)
+"""
+
+
+def test_process_count_is_limited_for_root_too():
+    # without the audit hook; as root the kernel exempts user id 0 from RLIMIT_NPROC, so this holds only because
+    # the program runs as a user id of its own
+    result = run_program(COUNT_FORKS, replace(KERNEL_ONLY, processes=8, timeout_s=5))
+    assert result.passed, result.stderr
+    assert int(result.stdout) < 8  # PID 1 of the namespace and the program count too
 
 
 @pytest.mark.parametrize("source", ["import ctypes\nctypes.CDLL(None).fork()", "import subprocess\nsubprocess.run(['true'])",
@@ -67,57 +106,180 @@ def test_other_ways_to_start_processes_are_refused(source):
     assert result.status == "failed" and "sandbox" in result.stderr
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root is exempt from RLIMIT_NPROC")
-def test_fork_bomb_is_contained_by_the_process_limit_alone():
-    result = run_program(FORK_BOMB, replace(KERNEL_ONLY, namespaces=False, timeout_s=3.0))
-    assert not result.passed
+def _host_processes_with(marker: str) -> list[int]:
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                found.append(int(entry))
+        except OSError:
+            pass
+    return found
 
 
-@needs_namespaces
 def test_escaped_daemon_dies_with_the_program():
-    # a child that leaves the process group is out of reach of killpg: the PID namespace takes it down
-    # /proc is the host's, so /proc/self is the parent's host pid, and the daemon is listed as its child there
-    source = """
-import os, time
-pid = os.fork()
-if pid == 0:
+    # a child that leaves the process group is out of reach of killpg: the PID namespace takes it down. It
+    # execs Python with a marker in its command line, so the host can find it.
+    marker = f"llama3-daemon-{os.getpid()}-{time.time_ns()}"
+    source = f"""
+import os, sys, time
+if os.fork() == 0:
     os.setsid()
-    time.sleep(60)
-else:
-    time.sleep(0.3)
-    me = os.readlink('/proc/self')
-    print(open(f'/proc/{me}/task/{me}/children').read().split()[0])
+    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', {marker!r}])
+time.sleep(1.5)
 """
-    result = run_program(source, KERNEL_ONLY)
-    assert result.passed, result.stderr
-    daemon = int(result.stdout.split()[0])
+    seen = []
+    runner = threading.Thread(target=lambda: seen.append(run_program(source, replace(KERNEL_ONLY, timeout_s=5))))
+    runner.start()
     deadline = time.time() + 5
-    while time.time() < deadline and _alive(daemon):
+    alive_during_run = False
+    while runner.is_alive() and time.time() < deadline:
+        alive_during_run = alive_during_run or bool(_host_processes_with(marker))
         time.sleep(0.05)
-    assert not _alive(daemon)
+    runner.join()
+    assert seen[0].passed, seen[0].stderr
+    assert alive_during_run  # the daemon did start
+    deadline = time.time() + 5
+    while time.time() < deadline and _host_processes_with(marker):
+        time.sleep(0.05)
+    assert not _host_processes_with(marker)
 
 
-def _alive(pid: int) -> bool:
+PROBE = """
+import json, os
+found = {}
+def probe(name, action):
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+        found[name] = action()
+    except Exception as e:
+        pass
+for path in PATHS:
+    probe(path, lambda: open(path).read())
+for folder in FOLDERS:
+    probe(folder, lambda: os.listdir(folder))
+print(json.dumps(found))
+"""
 
 
-@pytest.mark.parametrize("limits", [FAST, pytest.param(KERNEL_ONLY, marks=needs_landlock)], ids=["all", "kernel"])
+def _probe(limits, paths=(), folders=()) -> dict:
+    source = f"PATHS, FOLDERS = {list(paths)!r}, {list(folders)!r}\n" + PROBE
+    result = run_program(source, limits)
+    assert result.passed, result.stderr
+    return json.loads(result.stdout)
+
+
+def _leads_to_python(path: str) -> bool:
+    return any((p + os.sep).startswith(path + os.sep) for p in python_files()[0])
+
+
+@LAYERS
+def test_files_outside_the_work_folder_cannot_be_read(tmp_path, limits):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the evaluator's secret")
+    paths = [str(secret), "/etc/shadow", "/etc/passwd", "/etc/hostname"]
+    folders = [str(tmp_path), str(Path.home()), str(Path.home() / ".ssh"), "/tmp", os.getcwd()]
+    found = _probe(limits, paths, folders)
+    # a folder on the way to the interpreter (Python installed under the home folder) lists only that way
+    for folder, entries in found.items():
+        assert all(_leads_to_python(os.path.join(folder, e)) for e in entries), found
+    assert not set(found) & set(paths)
+    # proof that the probe finds what isolation hides: opted out, the program reads the secret
+    assert _probe(UNISOLATED, [str(secret)], [str(tmp_path)]) == {str(secret): "the evaluator's secret",
+                                                                  str(tmp_path): ["secret.txt"]}
+
+
+@LAYERS
+def test_the_evaluator_environment_and_processes_are_invisible(limits):
+    marker = f"llama3-token-{time.time_ns()}"
+    evaluator = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                                 env={**os.environ, "HF_TOKEN": marker})
+    try:
+        source = f"""
+import os
+seen = [k for k in os.environ if k not in ('PATH', 'HOME', 'TMPDIR', 'LANG', 'PYTHONHASHSEED', 'PYTHONDONTWRITEBYTECODE')]
+for pid in [p for p in os.listdir('/proc') if p.isdigit()] + [{evaluator.pid}, {os.getpid()}]:
+    for name in ('environ', 'cmdline'):
+        try:
+            if {marker!r}.encode() in open(f'/proc/{{pid}}/{{name}}', 'rb').read():
+                seen.append((pid, name))
+        except OSError:
+            pass
+print(seen, sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))
+"""
+        for lim, hidden in ((limits, True), (UNISOLATED, False)):
+            result = run_program(source, lim)
+            assert result.passed, result.stderr
+            seen, pids = result.stdout.split("] [")
+            assert (seen == "[") is hidden, result.stdout
+            if hidden:  # its own namespace: PID 1 and the program
+                assert pids.rstrip("]\n").split(", ") == ["1", "2"]
+    finally:
+        evaluator.kill()
+        evaluator.wait()
+
+
+def test_disabling_the_audit_hook_leaves_the_kernel_layers(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the evaluator's secret")
+    target = tmp_path / "escaped.txt"
+    # the hook's tables are module globals of sandbox_child: reachable by walking frames, and emptied
+    source = f"""
+import os, socket, sys
+frame = sys._getframe()
+while frame is not None:
+    g = frame.f_globals
+    if '_ALWAYS_BLOCKED' in g:
+        g['_ALWAYS_BLOCKED'] = ()
+        g['_BLOCKED_IMPORTS'].clear()
+        g['_PATH_EVENTS'].clear()
+        g['_WRITE_FLAGS'] = 0
+    frame = frame.f_back
+import ctypes  # refused while the hook held
+print('hook disabled')
+escapes = []
+for name, action in [('read', lambda: open({str(secret)!r}).read()), ('write', lambda: open({str(target)!r}, 'w').write('x')),
+                     ('connect', lambda: socket.create_connection(('127.0.0.1', 22), timeout=1)),
+                     ('shadow', lambda: open('/etc/shadow').read())]:
+    try:
+        action()
+        escapes.append(name)
+    except Exception:
+        pass
+forks = 0
+for _ in range(40):
+    try:
+        if os.fork() == 0:
+            import time; time.sleep(2); os._exit(0)
+        forks += 1
+    except OSError:
+        break
+print(escapes, forks)
+"""
+    result = run_program(source, replace(FAST, timeout_s=5))
+    assert result.passed, result.stderr
+    disabled, outcome = result.stdout.strip().splitlines()
+    assert disabled == "hook disabled"
+    assert outcome == f"[] {FAST.processes - 2}"  # 16 processes, PID 1 and the program among them
+    assert not target.exists()
+
+
+@LAYERS
 def test_writes_outside_the_work_folder_are_blocked(tmp_path, limits):
     target = tmp_path / "escaped.txt"
     result = run_program(f"open({str(target)!r}, 'w').write('x')", limits)
-    assert not result.passed and "ermission" in result.stderr
+    assert not result.passed
     assert not target.exists()
     removed = tmp_path / "keep.txt"
     removed.write_text("keep")
     result = run_program(f"import os\nos.remove({str(removed)!r})", limits)
     assert not result.passed and removed.exists()
+    for folder in ("/", "/etc", "/dev", os.path.dirname(sys.executable)):  # the view itself is read-only
+        result = run_program(f"open({os.path.join(folder, 'x')!r}, 'w')", limits)
+        assert not result.passed and ("Read-only" in result.stderr or "ermission" in result.stderr), result.stderr
 
 
-@pytest.mark.parametrize("limits", [FAST, pytest.param(KERNEL_ONLY, marks=needs_landlock)], ids=["all", "kernel"])
+@pytest.mark.parametrize("limits", [FAST, KERNEL_ONLY, pytest.param(replace(UNISOLATED, landlock=True), marks=needs_landlock)],
+                         ids=["all", "kernel", "landlock"])
 def test_network_is_blocked(limits):
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -145,6 +307,51 @@ def test_network_is_blocked(limits):
     assert connections == []
 
 
+def test_the_program_cannot_kill_the_evaluator():
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        source = f"""
+import os, signal
+for pid in (os.getppid(), {bystander.pid}, {os.getpid()}, 1):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+os.kill(-1, signal.SIGKILL)  # everything it may signal, itself included
+"""
+        result = run_program(source, KERNEL_ONLY)
+        assert not result.passed
+        time.sleep(0.2)
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
+def test_refuses_to_run_where_it_cannot_isolate():
+    # root of a user namespace that maps only itself (as in a rootless container) has no user id to give the
+    # program: nothing runs, unless isolation is explicitly turned off
+    script = """
+from llama3.eval.sandbox import SandboxLimits, SandboxUnavailable, run_program
+try:
+    run_program("print('ran')")
+    print('ran isolated')
+except SandboxUnavailable as e:
+    print('refused:', e)
+print(run_program("print('ran')", SandboxLimits(isolate=False)).stdout.strip())
+"""
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("no user namespaces here")
+    out = subprocess.run(["unshare", "--user", "--map-root-user", sys.executable, "-c", script], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("refused: cannot isolate model-written code"), out.stdout + out.stderr
+    assert "--allow-unisolated-code" in lines[0]
+    assert lines[1] == "ran"
+
+
 def test_memory_limit():
     result = run_program("x = bytearray(3 << 30)", replace(FAST, memory_bytes=512 << 20))
     assert not result.passed and "MemoryError" in result.stderr
@@ -157,3 +364,20 @@ def test_pass_at_k_matches_the_combinatorial_formula():
     assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
     with pytest.raises(ValueError):
         pass_at_k(3, 1, 5)
+
+
+def test_the_work_folder_is_bounded_and_off_the_evaluators_disk():
+    source = """
+written = 0
+try:
+    for i in range(40):
+        with open(f'fill{i}', 'wb') as f:
+            f.write(b'x' * (8 << 20))
+        written += 8
+except OSError as e:
+    print(written, e.strerror)
+"""
+    result = run_program(source, replace(KERNEL_ONLY, disk_bytes=32 << 20, timeout_s=10))
+    assert result.passed, result.stderr
+    written, reason = result.stdout.split(maxsplit=1)
+    assert int(written) < 32 and "No space left" in reason

@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import pytest
 from PIL import Image
@@ -60,7 +61,7 @@ class ChatTemplate:
     def __init__(self, tokenizer):
         self.tokenizer, self.dialogs = tokenizer, []
 
-    def encode_dialog_prompt(self, messages):
+    def encode_dialog_prompt(self, messages, tools=None):
         self.dialogs.append(messages)
         text = "".join(f"<{m['role']}>{m['content']}</>" for m in messages) + "<assistant>"
         return self.tokenizer.encode(text, bos=True)
@@ -88,7 +89,8 @@ def test_chat_mode_asks_a_lettered_question_and_scores_the_letter(llama):
 
 
 class Scripted:
-    """Stands in for a Llama whose completions are known: looks each prompt's last question up in `answers`."""
+    """Stands in for a Llama whose completions are known: looks each prompt's last question up in `answers`
+    (generative.complete hands it the prompts; see the fixture below)."""
 
     def __init__(self, llama, answers: dict[str, str]):
         self.llama, self.answers, self.prompts = llama, answers, []
@@ -97,17 +99,26 @@ class Scripted:
     def encode_prompt(self, text):
         return self.llama.encode_prompt(text)
 
-    def complete_ids(self, prompts, **kwargs):
+    def complete(self, prompts, **kwargs):
         out = []
         for ids in prompts:
             text = self.tokenizer.decode(ids)
             self.prompts.append(text)
             key = max((k for k in self.answers if k in text), key=text.rindex)
             reply = self.answers[key]
-            for stop in kwargs.get("stop") or []:  # as Llama.complete_ids: the text ends before a stop string
+            for stop in kwargs.get("stop") or []:  # as the engine: the text ends before a stop string
                 reply = reply.split(stop)[0]
             out.append(reply)
         return out
+
+
+@pytest.fixture(autouse=True)
+def scripted_completions(monkeypatch):
+    from llama3.eval import generative
+
+    real = generative.complete
+    monkeypatch.setattr(generative, "complete", lambda model, prompts, **kw: model.complete(prompts, **kw)
+                        if isinstance(model, Scripted) else real(model, prompts, **kw))
 
 
 def test_gsm8k_extracts_and_matches_answers(llama):
@@ -165,18 +176,30 @@ def test_pass_at_k_with_samples(llama):
     items = readers.read_humaneval(SAMPLES_DIR / "humaneval", "eval")[:2]
 
     class Alternating(Scripted):
-        calls = 0
-
-        def complete_ids(self, prompts, **kwargs):
+        def complete(self, prompts, **kwargs):
             assert kwargs["temperature"] > 0
-            Alternating.calls += 1
-            # sample 1 right for both, samples 2 and 3 wrong
-            return [items[i].solution if Alternating.calls == 1 else "    return None\n" for i in range(len(prompts))]
+            assert len(prompts) == 6 and len(set(kwargs["seeds"])) == 6  # 3 samples of 2 problems, seeded apart
+            # sample 1 right for both problems, samples 2 and 3 wrong
+            return [items[r].solution if r < 2 else "    return None\n" for r in range(len(prompts))]
 
     options = EvalOptions(samples=3, limit=2, sandbox=readers_limits())
     result = evaluate(Alternating(llama, {}), "humaneval", options=options)
     assert result.metrics["pass@1"] == pytest.approx(1 / 3)
     assert "pass@10" not in result.metrics
+
+
+def test_engine_completions_equal_greedy_generation(llama):
+    # the engine (continuous batching, rows joining and leaving) writes what one plain batch would, stop strings
+    # included; prompts of different lengths, more of them than run at once
+    from llama3.eval.generative import complete
+
+    prompts = [llama.encode_prompt(p) for p in ["Question: 1+1?\nAnswer:", "x", "The end of the pier", "ab" * 20, "q"]]
+    plain = [llama.complete_ids([p], max_new_tokens=12)[0] for p in prompts]
+    stop = tuple(text[2:4] for text in plain if len(text) > 4)  # strings these completions do write
+    stopped = [llama.complete_ids([p], max_new_tokens=12, stop=list(stop))[0] for p in prompts]
+    assert stopped != plain
+    assert complete(llama, prompts, max_new_tokens=12, max_batch=2) == plain
+    assert complete(llama, prompts, max_new_tokens=12, stop=stop, max_batch=2) == stopped
 
 
 def test_perplexity_matches_one_pass_over_a_short_file(llama, tmp_path):
@@ -226,3 +249,27 @@ def test_default_model_on_the_samples(default_gguf_path):
     assert text.metrics["bits_per_byte"] < 1.2  # 0.88 measured; a random model is near 17
     easy = evaluate(llama, "arc_easy")
     assert easy.metrics["acc"] >= 0.5  # 0.75 measured on the four sample questions
+
+
+def test_results_json_is_strict_and_quiet_still_reports_each_task(llama, tmp_path, monkeypatch, capsys):
+    # through the `llama3` front end, whose parser carries the verb's function among the options
+    from llama3.cli import main as llama3_main
+
+    loaded = {}
+    monkeypatch.setattr("llama3.llama.load", lambda name, **kw: loaded.update(kw) or llama)
+    out = tmp_path / "results.json"
+    assert llama3_main(["eval", "--model", "tiny", "--tasks", "boolq,gsm8k", "--limit", "1", "--shots", "0",
+                        "--max-new-tokens", "2", "--output", str(out), "--quiet", "--quantize", "int8"]) == 0
+    assert loaded["quantize"] == "int8"
+    text = out.read_text()
+    assert "<function" not in text and " at 0x" not in text
+
+    def no_nan(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    data = json.loads(text, parse_constant=no_nan)
+    assert data["config"]["tasks"] == "boolq,gsm8k" and data["config"]["output"] == str(out)
+    assert data["results"]["tiny"]["boolq"]["metrics"]["acc_stderr"] is None  # one item: no standard error
+    err = capsys.readouterr().err
+    assert re.search(r"tiny boolq: acc=\d\.\d+, acc_norm=\d\.\d+ \(\d+\.\ds\)", err)
+    assert re.search(r"tiny gsm8k: exact_match=\d\.\d+ \(\d+\.\ds\)", err)

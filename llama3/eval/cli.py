@@ -23,18 +23,24 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, default=None, help="k-shot examples (default: each task's published setting)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items of each task")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template (instruct models)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass / prompts per generation batch")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="rows per scoring forward pass; completions the engine decodes together")
     p.add_argument("--samples", type=int, default=1, help="completions per code problem; pass@k for k <= samples")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature for code tasks (default 0, or 0.8 with --samples > 1)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation length (default: 256 GSM-8K, 512 MATH and code)")
     p.add_argument("--window", type=int, default=1024, help="perplexity: context window in tokens")
     p.add_argument("--timeout", type=float, default=10.0, help="code tasks: seconds per program")
+    p.add_argument("--allow-unisolated-code", action="store_true",
+                   help="code tasks on a machine that cannot create namespaces: run model-written code without them, "
+                   "where it can read every file you can (default: refuse)")
     p.add_argument("--output", type=Path, default=None, help="write results as JSON here")
     p.add_argument("--log-samples", action="store_true", help="include every item's prediction in the JSON")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart comparing the models here")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="weight-only quantization while loading (the model then computes in bf16)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (each task's result and time still go to stderr)")
     p.set_defaults(func=cli_eval)
     return p
 
@@ -66,22 +72,23 @@ def cli_eval(args: argparse.Namespace) -> dict[str, list[TaskResult]]:
     models = [m.strip() for m in (args.model or DEFAULT_MODEL).split(",") if m.strip()]
     options = EvalOptions(shots=args.shots, limit=args.limit, chat=args.chat, batch_size=args.batch_size,
                           samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                          window=args.window, sandbox=SandboxLimits(timeout_s=args.timeout, cpu_seconds=int(args.timeout)))
+                          window=args.window, sandbox=SandboxLimits(timeout_s=args.timeout, cpu_seconds=int(args.timeout),
+                                                isolate=not args.allow_unisolated_code))
     progress = _progress_factory(args.quiet)
     results: dict[str, list[TaskResult]] = {}
     for name in models:
-        llama = load(name, dtype=args.dtype, device=args.device, prepack=True)
+        llama = load(name, dtype=args.dtype, device=args.device, quantize=args.quantize, prepack=True)
         results[name] = []
         for spec in specs:
             result = evaluate(llama, spec, args.data_dir, options, progress)
             results[name].append(result)
-            if not args.quiet:
-                print(f"{name} {result.task}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()
-                                                             if not k.endswith("_stderr")) + f" ({result.seconds:.1f}s)",
-                      file=sys.stderr)
+            print(f"{name} {result.task}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()
+                                                         if not k.endswith("_stderr")) + f" ({result.seconds:.1f}s)",
+                  file=sys.stderr)
     print(format_table(results))
     if args.output:
-        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+        # the options as given; argparse also carries the verb's function (func, _run), which is no option
+        config = {k: v for k, v in vars(args).items() if not callable(v)}
         args.output.write_text(to_json(results, config, include_samples=args.log_samples))
     if args.plot:
         plot_comparison(results, args.plot)

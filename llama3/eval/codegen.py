@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from llama3.eval.generative import fit_prompt
+from llama3.eval import generative
 from llama3.eval.readers import CodeItem
 from llama3.eval.results import TaskResult
 from llama3.eval.sandbox import SandboxLimits, pass_at_k, run_programs
@@ -61,24 +61,21 @@ def program(task: str, item: CodeItem, completion: str, chat: bool) -> str:
 def evaluate_code(model, task: str, items: list[CodeItem], pool: list[CodeItem], shots: int, chat: bool,
                   batch_size: int, samples: int = 1, temperature: float | None = None, max_new_tokens: int = 512,
                   limits: SandboxLimits = SandboxLimits(), seed: int = 1234, progress=None) -> TaskResult:
+    run_programs(["pass"], limits)  # SandboxUnavailable now, not after generating every completion
     examples = pool[:shots]
     temperature = (0.0 if samples == 1 else 0.8) if temperature is None else temperature
     if samples > 1 and temperature == 0:
         raise ValueError("pass@k with several samples needs --temperature > 0 (greedy samples are all the same)")
-    prompts = [fit_prompt(prompt_ids(model, task, item, examples, chat), model.args.max_seq_len, max_new_tokens)
+    prompts = [generative.fit_prompt(prompt_ids(model, task, item, examples, chat), model.args.max_seq_len, max_new_tokens)
                for item in items]
-    stop = None if chat else (HUMANEVAL_STOP if task == "humaneval" else ["[DONE]"])
-    completions: list[list[str]] = [[] for _ in items]
-    for s in range(samples):
-        for start in range(0, len(items), batch_size):
-            batch = list(range(start, min(start + batch_size, len(items))))
-            outs = model.complete_ids([prompts[i] for i in batch], max_new_tokens=max_new_tokens, stop=stop,
-                                      temperature=temperature, top_p=0.95 if temperature > 0 else 1.0,
-                                      seed=seed + 1000 * s + start)
-            for i, text in zip(batch, outs):
-                completions[i].append(text)
-            if progress is not None:
-                progress(len(batch))
+    stop = () if chat else (HUMANEVAL_STOP if task == "humaneval" else ["[DONE]"])
+    # every sample of every problem in one run of the engine; sample s of problem i is request s * n + i
+    n = len(items)
+    texts = generative.complete(model, prompts * samples, max_new_tokens=max_new_tokens, stop=stop,
+                                temperature=temperature, top_p=0.95 if temperature > 0 else 1.0,
+                                seeds=[seed + 1000 * (r // n) + r % n for r in range(n * samples)],
+                                max_batch=batch_size, progress=progress)
+    completions = [texts[i::n] for i in range(n)]
     programs = [program(task, item, c, chat) for item, cs in zip(items, completions) for c in cs]
     results = iter(run_programs(programs, limits))
     passed_counts, records = [], []

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import random
 import re
+import threading
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
@@ -78,6 +80,54 @@ def fit_prompt(ids: list[int], context: int, max_new_tokens: int) -> list[int]:
     return ids[-keep:]
 
 
+def complete(model, prompts: list[list[int]], *, max_new_tokens: int, stop: Sequence[str] = (),
+             temperature: float = 0.0, top_p: float = 1.0, seeds: Sequence[int | None] | None = None,
+             max_batch: int = 16, progress: Callable[[int], None] | None = None) -> list[str]:
+    """Every prompt's completion (a `Llama`'s model and tokenizer), from the engine that serves: continuous
+    batching (a finished row takes the next prompt at the following step, so no row waits for the longest of
+    a batch), prompts that share their k-shot examples computed once where the engine caches prefixes, and
+    each completion cut at the first of the stop strings. Greedy unless temperature > 0."""
+    from llama3.generate import SamplingParams
+    from llama3.serve.engine import Engine, Request
+
+    if not prompts:
+        return []
+    # the KV cache holds the longest prompt and its completion, not the model's whole context
+    context = min(model.args.max_seq_len, max(map(len, prompts)) + max_new_tokens)
+    engine = Engine(model.model, model.tokenizer, max_batch=min(max_batch, len(prompts)), max_context=context,
+                    max_queue=len(prompts), prefill_chunk=max(256, min(context, 2048)))
+    pieces: list[list[str]] = [[] for _ in prompts]
+    errors: list[str] = []
+    finished = threading.Semaphore(0)
+
+    def emitter(i: int):
+        def emit(out) -> None:  # on the engine's thread
+            pieces[i].append(out.text)
+            if out.finish_reason is not None:
+                if out.error:
+                    errors.append(out.error)
+                if progress is not None:
+                    progress(1)
+                finished.release()
+        return emit
+
+    requests = [Request(p, max_tokens=max_new_tokens, emit=emitter(i), stop=stop,
+                        params=SamplingParams(temperature=temperature, top_p=top_p, seed=seeds[i] if seeds else None))
+                for i, p in enumerate(prompts)]
+    engine.start()
+    try:
+        engine.submit(requests)
+        for _ in requests:
+            while not finished.acquire(timeout=1.0):
+                if not engine.alive:
+                    raise RuntimeError(f"the generation engine stopped: {engine.error!r}")
+    finally:
+        engine.stop()
+    if errors:
+        raise RuntimeError(errors[0])
+    return ["".join(p) for p in pieces]
+
+
 def prompt_ids(model, fmt, item, examples, chat: bool) -> list[int]:
     if chat:
         messages = []
@@ -97,17 +147,8 @@ def evaluate_generative(model, task: str, items: list[GenerativeItem], pool: lis
     max_new_tokens = max_new_tokens or fmt.max_new_tokens
     prompts = [fit_prompt(prompt_ids(model, fmt, item, shots_for(item), chat), model.args.max_seq_len, max_new_tokens)
                for item in items]
-    # similar lengths together: less padding per batch
-    order = sorted(range(len(items)), key=lambda i: len(prompts[i]))
-    texts: dict[int, str] = {}
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        outs = model.complete_ids([prompts[i] for i in batch], max_new_tokens=max_new_tokens,
-                                  stop=None if chat else list(fmt.stop))
-        texts.update(zip(batch, outs))
-        if progress is not None:
-            progress(len(batch))
-    completions = [texts[i] for i in range(len(items))]
+    completions = complete(model, prompts, max_new_tokens=max_new_tokens, stop=() if chat else fmt.stop,
+                           max_batch=batch_size, progress=progress)
     correct, samples = [], []
     by_subject: dict[str, list[bool]] = defaultdict(list)
     for item, completion in zip(items, completions):

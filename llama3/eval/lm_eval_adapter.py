@@ -14,23 +14,39 @@ Only this module imports lm_eval; the rest of the package never imports this mod
 
 from __future__ import annotations
 
+import logging
 import sys
 
+import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from llama3.eval import generative
 from llama3.eval.scoring import Request, Scorer, rolling_requests, uses_bos
+
+log = logging.getLogger("llama3.eval")
+
+
+def available_device(device: str | None) -> str:
+    """The device asked for, except that CUDA on a machine without it means the CPU: lm-eval's command line asks
+    for cuda:0 unless told otherwise, and its users on CPU-only machines mean "the device I have"."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        log.warning("%s asked for, but this machine has no CUDA device: computing on the CPU", device)
+        return "cpu"
+    return str(device)
 
 
 @register_model("llama3")
 class Llama3LM(TemplateLM):
     def __init__(self, model="smollm2-135m-instruct", batch_size: int | str = 8, dtype: str | None = None,
-                 device: str = "cpu", max_length: int | None = None, **_ignored):
+                 device: str | None = None, max_length: int | None = None, **_ignored):
         super().__init__()
         if isinstance(model, str):
             from llama3.llama import load
 
-            model = load(model, dtype=dtype, device=device, prepack=True)
+            model = load(model, dtype=dtype, device=available_device(device), prepack=True)
         self.llama = model
         self.tokenizer_ = model.tokenizer
         self.max_length = max_length or model.args.max_seq_len
@@ -77,18 +93,26 @@ class Llama3LM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        out = []
-        for request in requests:
+        """All requests through the serving engine at once, one engine run per distinct set of generation
+        options (a task has one)."""
+        groups: dict[tuple, list[int]] = {}
+        prompts = []
+        for i, request in enumerate(requests):
             context, gen_kwargs = request.args
             gen_kwargs = dict(gen_kwargs or {})
             until = gen_kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
+            until = (until,) if isinstance(until, str) else tuple(until)
             max_new = int(gen_kwargs.pop("max_gen_toks", 256))
             temperature = float(gen_kwargs.pop("temperature", 0.0)) if gen_kwargs.pop("do_sample", False) else 0.0
-            ids = self.tok_encode(context)[-(self.max_length - max_new):]
-            (text,) = self.llama.complete_ids([ids], max_new_tokens=max_new, stop=until, temperature=temperature)
-            self.cache_hook.add_partial("generate_until", (context, request.args[1]), text)
-            out.append(text)
+            prompts.append(self.tok_encode(context)[-(self.max_length - max_new):])
+            groups.setdefault((until, max_new, temperature), []).append(i)
+        out = [""] * len(requests)
+        for (until, max_new, temperature), members in groups.items():
+            texts = generative.complete(self.llama, [prompts[i] for i in members], max_new_tokens=max_new, stop=until,
+                                        temperature=temperature, max_batch=self.batch_size)
+            for i, text in zip(members, texts):
+                out[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return out
 
 

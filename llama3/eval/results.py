@@ -61,6 +61,8 @@ def _cut(text: str, width: int) -> str:
 
 
 def to_json(results_by_model: dict[str, list[TaskResult]], config: dict, include_samples: bool = False) -> str:
+    """Strict JSON: NaN (the standard error of one item) becomes null, paths become strings; anything else that
+    JSON cannot hold (a function, an object) is an error rather than its repr."""
     models = {}
     for model, results in results_by_model.items():
         models[model] = {}
@@ -69,11 +71,22 @@ def to_json(results_by_model: dict[str, list[TaskResult]], config: dict, include
             if not include_samples:
                 entry.pop("samples")
             models[model][r.task] = entry
-    return json.dumps({"config": config, "results": models}, indent=2, default=_json_number)
+    return json.dumps(_finite({"config": config, "results": models}), indent=2, allow_nan=False,
+                      default=lambda v: str(v) if isinstance(v, Path) else _not_json(v))
 
 
-def _json_number(value):
-    return None if isinstance(value, float) and math.isnan(value) else str(value)
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _not_json(value):
+    raise TypeError(f"{type(value).__name__} has no JSON form: {value!r}")
 
 
 def plot_comparison(results_by_model: dict[str, list[TaskResult]], path: str | Path) -> None:

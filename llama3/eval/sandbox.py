@@ -1,10 +1,12 @@
 """Run untrusted Python (model-written code plus its tests) in a contained subprocess.
 
-Each program runs in a fresh temporary folder as `python -I sandbox_child.py`, which sets resource limits,
-Landlock and an audit hook before the program starts (see sandbox_child.py for the layers). Around it, when the
-machine allows, `unshare` gives the process new network and PID namespaces: no network device exists inside, and
-every process the program started dies when it ends. A wall-clock timeout kills the whole process group.
-A program passes when it exits with status 0 inside its limits.
+Each program runs in a fresh temporary folder as `python -I sandbox_child.py`, which moves into new namespaces
+and a new root holding only that folder and, read-only, the Python it needs, drops its privileges, and sets
+resource limits, Landlock and an audit hook before the program starts (see sandbox_child.py for the layers). Its
+environment holds nothing of the evaluator's. A wall-clock timeout kills the whole process group. A program
+passes when it exits with status 0 inside its limits. Where the machine cannot create the namespaces (no root
+and no unprivileged user namespaces), nothing runs: SandboxUnavailable says why, and only an explicit
+`isolate=False` runs code without them.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import functools
 import json
 import math
 import os
+import re
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,8 +38,11 @@ class SandboxLimits:
     cpu_seconds: int = 10
     memory_bytes: int = 1 << 30  # address space
     file_bytes: int = 16 << 20  # largest file (stdout/stderr included)
-    processes: int = 16  # RLIMIT_NPROC, for users other than root
-    namespaces: bool = True  # unshare network + PID namespaces when possible
+    disk_bytes: int = 64 << 20  # the isolated work folder's size (a tmpfs)
+    processes: int = 16  # RLIMIT_NPROC (an isolated program never runs as root, whom the kernel exempts)
+    # False runs the program without namespaces, where it can read every file the evaluator can: only for
+    # machines that cannot create them, and only when the user asks
+    isolate: bool = True
     landlock: bool = True
     audit_hook: bool = True
 
@@ -52,46 +60,65 @@ class SandboxResult:
         return self.status == "passed"
 
 
+class SandboxUnavailable(ValueError):
+    """This machine cannot isolate programs and the caller did not opt out of isolation (reported as the command
+    line reports other unusable options)."""
+
+
+_UNAVAILABLE = ("cannot isolate model-written code on this machine ({}); the sandbox needs real root or unprivileged "
+                "user namespaces. Refusing to run it: isolate=False (llama3 eval --allow-unisolated-code) runs it "
+                "without them, where it can read every file this process can")
+
+
 @functools.cache
-def namespace_prefix() -> tuple[str, ...]:
-    """The `unshare` command line that works on this machine, or () when none does (no util-linux, no
-    privilege for namespaces, or a container that forbids them)."""
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        return ()
-    base = (unshare, "--net", "--pid", "--fork", "--kill-child")
-    candidates = [base] if os.geteuid() == 0 else []
-    candidates.append((unshare, "--user", "--map-root-user", *base[1:]))  # unprivileged user namespaces
-    for prefix in candidates:
-        try:
-            probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if probe.returncode == 0:
-            return prefix
-    return ()
+def python_files() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What an isolated program may read: the interpreter, its standard library and the shared libraries those
+    load (as ldd resolves them; without ldd, the system's library folders); and the folders inside the standard
+    library to hide (installed packages: a program under test needs only the standard library)."""
+    paths = sysconfig.get_paths()
+    stdlib = {paths["stdlib"], paths["platstdlib"]}
+    dynload = sysconfig.get_config_var("DESTSHARED") or os.path.join(paths["platstdlib"], "lib-dynload")
+    binaries = [sys.executable] + [os.path.join(dynload, f) for f in sorted(os.listdir(dynload)) if f.endswith(".so")]
+    ldd = shutil.which("ldd")
+    if ldd:
+        listing = subprocess.run([ldd, *binaries], capture_output=True, text=True, timeout=60).stdout
+        libraries = sorted(set(re.findall(r"(/\S+) \(0x", listing)))
+    else:
+        libraries = [d for d in ("/lib", "/lib64", "/usr/lib", "/usr/lib64") if os.path.isdir(d)]
+    read_only = [sys.executable, *sorted(stdlib), *libraries] + ["/etc/ld.so.cache"] * os.path.exists("/etc/ld.so.cache")
+    hidden = [p for p in {paths["purelib"], paths["platlib"]} if any(p.startswith(s + os.sep) for s in stdlib)]
+    return tuple(read_only), tuple(hidden)
 
 
 def run_program(source: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
     """Run Python source in a fresh folder under the limits and return what happened."""
     with tempfile.TemporaryDirectory(prefix="llama3-sandbox-") as tmp:
-        workdir, logs = Path(tmp, "work"), Path(tmp, "logs")
-        workdir.mkdir()
-        logs.mkdir()
+        workdir, logs, root, status = Path(tmp, "work"), Path(tmp, "logs"), Path(tmp, "root"), Path(tmp, "status")
+        for folder in (workdir, logs, root):
+            folder.mkdir()
         program = workdir / "program.py"
         program.write_text(source)
+        read_only, hidden = python_files() if limits.isolate else ((), ())
+        uid = 2_000_000_000 + secrets.randbelow(100_000_000)  # root runs each program as a user id of its own
         child_limits = {
             "cpu_seconds": max(1, math.ceil(limits.cpu_seconds)),
             "memory_bytes": limits.memory_bytes,
             "file_bytes": limits.file_bytes,
             "processes": limits.processes,
+            "isolate": limits.isolate,
             "landlock": limits.landlock,
             "audit_hook": limits.audit_hook,
+            "uid": uid,
+            "disk_bytes": limits.disk_bytes,
+            "read_only": read_only,
+            "hidden": hidden,
         }
-        prefix = namespace_prefix() if limits.namespaces else ()
-        command = [*prefix, sys.executable, "-I", str(_CHILD), str(program), str(workdir), json.dumps(child_limits)]
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(workdir), "TMPDIR": str(workdir), "LANG": "C.UTF-8",
-               "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+        command = [sys.executable, "-I", str(_CHILD), str(program), str(workdir), str(root), str(status),
+                   json.dumps(child_limits)]
+        home = "/sandbox" if limits.isolate else str(workdir)  # sandbox_child.SANDBOX
+        # nothing of the evaluator's environment (tokens, keys, paths) is passed on
+        env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
+               "PYTHONDONTWRITEBYTECODE": "1"}
         start = time.perf_counter()
         with open(logs / "stdout", "wb") as out, open(logs / "stderr", "wb") as err:
             proc = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
@@ -106,6 +133,8 @@ def run_program(source: str, limits: SandboxLimits = SandboxLimits()) -> Sandbox
             if timed_out:
                 returncode = proc.wait()
         seconds = time.perf_counter() - start
+        if status.exists():
+            raise SandboxUnavailable(_UNAVAILABLE.format(status.read_text()))
         stdout = (logs / "stdout").read_bytes()[-_OUTPUT_TAIL * 4 :].decode("utf-8", "replace")[-_OUTPUT_TAIL:]
         stderr = (logs / "stderr").read_bytes()[-_OUTPUT_TAIL * 4 :].decode("utf-8", "replace")[-_OUTPUT_TAIL:]
     # SIGXCPU from the CPU limit is a timeout too, as far as the program is concerned

@@ -91,8 +91,9 @@ class EvalOptions:
 
 def evaluate(model, spec: str, data_dir: Path | None = None, options: EvalOptions | None = None,
              progress_factory: Callable[[str, int], Callable[[int], None]] | None = None) -> TaskResult:
-    """Run one task on a `Llama` (or anything with .model, .tokenizer, .encode_prompt, .encode_chat and
-    .complete_ids). progress_factory(description, total) returns a callback for units done."""
+    """Run one task on a `Llama` (or anything with .model, .tokenizer, .args, .encode_prompt and .encode_chat;
+    generation goes through the serving engine, generative.complete). progress_factory(description, total)
+    returns a callback for units done."""
     options = options or EvalOptions()
     task, explicit = parse_task(spec)
     root = task_root(task, data_dir, explicit)
