@@ -171,7 +171,25 @@ def convert(src: str, dst: str, *, to: Literal["hf", "meta"], shards: int = 1, d
     print(dst)
 
 
-VERBS = [generate, chat, pull, models, convert, quantize, bench, serve, train, finetune]
+def merge(adapter: str, *, out: str, model: str | None = None, to: Literal["hf", "meta"] = "hf", shards: int = 1,
+          dtype: str | None = None) -> None:
+    """Fold a LoRA or QLoRA adapter saved by `llama3 finetune` into its base model and write the merged model
+    (tokenizer and chat template included): what `llama3 chat`, `llama3 convert`, `llama3 quantize` and Hugging Face
+    transformers read.
+
+    Args:
+        adapter: the adapter directory (RUN/adapter)
+        out: output directory
+        model: the base model (default: the one the adapter was trained on, from its adapter_config.json)
+        to: output layout
+        shards: number of model-parallel shards (Meta layout only)
+        dtype: cast the merged weights (e.g. bfloat16); default keeps the base's
+    """
+    from .finetune.lora import merge_adapter
+    print(merge_adapter(adapter, out, base=model, to=to, shards=shards, dtype=dtype))
+
+
+VERBS = [generate, chat, pull, models, convert, quantize, bench, serve, train, finetune, merge]
 
 
 # ---- parser generation -------------------------------------------------------------------------------------------
