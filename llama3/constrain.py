@@ -192,6 +192,11 @@ class Constraint:
         elif PYTHON_TAG.startswith(text):  # still undecided
             self.waiting = True
 
+    def rollback(self, n: int) -> None:
+        """Undo the last n accepted tokens (speculative decoding's rejected drafts)."""
+        if n and self.matcher is not None and not self.matcher.rollback(n):
+            raise ConstraintError(f"cannot roll the grammar back by {n} tokens: {self.matcher.get_error()}")
+
     @property
     def finished(self) -> bool:
         """The grammar can take nothing more (only an end-of-turn token)."""

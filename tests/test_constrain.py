@@ -119,3 +119,20 @@ def test_bad_constraints_are_clear_errors(bpe_tokenizer):
         grammar_for(json_schema=SCHEMA, regex="a+")
     with pytest.raises(ConstraintError):
         Constraint(bpe_tokenizer, json_schema_grammar({"type": "object", "properties": {"a": {"type": "nope"}}}))
+
+
+@pytest.mark.parametrize("draft_seed", [0, 1])  # the target itself (all accepted) and another model (rejections)
+def test_speculative_decoding_gives_the_constrained_target_output(bpe_tokenizer, draft_seed, one_thread):
+    from llama3.generate import generate_tokens
+    from llama3.speculative import SpeculativeDecoder
+    llm = tiny_llama(bpe_tokenizer)
+    draft = random_model(tiny_args(vocab_size=bpe_tokenizer.vocab_size, max_seq_len=512), draft_seed)
+    prompt, grammar = bpe_tokenizer.encode("data:"), json_schema_grammar(SCHEMA)
+    plain = [t for (t,) in generate_tokens(llm.model, [prompt], max_new_tokens=100, stop_ids=bpe_tokenizer.stop_ids,
+                                           constraints=[Constraint(bpe_tokenizer, grammar)]) if t is not None]
+    decoder = SpeculativeDecoder(llm.model, draft, k=3)
+    fast = list(decoder.generate(prompt, max_new_tokens=100, stop_ids=bpe_tokenizer.stop_ids,
+                                 constraint=Constraint(bpe_tokenizer, grammar)))
+    assert fast == plain
+    jsonschema.validate(json.loads(bpe_tokenizer.decode([t for t in fast if t not in bpe_tokenizer.stop_ids])), SCHEMA)
+    assert (decoder.accepted == decoder.proposed) == (draft_seed == 0)

@@ -3,6 +3,7 @@ the injector. Each injected fault must be recovered with no one watching, ending
 fault-free run. One process here; tests/test_faults_distributed.py does the same under torchrun with 2 ranks."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,8 +14,11 @@ import torch
 from llama3.train import train
 from llama3.train.checkpoint import Checkpointer, ModelState
 from llama3.train.config import ConfigError, load_config
+from llama3.train.events import read_events
 from llama3.train.faults import (HANG_EXIT_CODE, LossGuard, corrupt_file, flip_bit, parameter_fingerprint,
                                  parse_faults)
+from llama3.train.metrics import read_jsonl
+from llama3.train.report import format_report, summarize
 from llama3.weights import read_checkpoint
 
 pytestmark = pytest.mark.timeout(300)
@@ -26,6 +30,17 @@ TINY = ["model.preset=debug-tiny", "data.dataset=synthetic", "data.seq_len=32", 
 
 def final_params(run_dir) -> dict[str, torch.Tensor]:
     return read_checkpoint(run_dir / "model").state_dict
+
+
+def lines(run_dir, event: str, **fields) -> list[dict]:
+    """The events.log records of one event whose fields have these values."""
+    return [e for e in read_events(run_dir) if e["event"] == event
+            and all(e.get(k) == str(v) for k, v in fields.items())]
+
+
+def run_module(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llama3.train", *args], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def assert_same_params(a, b):
@@ -59,7 +74,7 @@ def test_corrupt_or_partial_checkpoints_never_count(fault_free, tmp_path):
     import shutil
     shutil.copytree(run / "checkpoints", tmp_path / "c")
     model = torch.nn.Linear(2, 2)
-    checkpointer = Checkpointer(tmp_path / "c", {"model": ModelState([model])}, log=lambda m: None)
+    checkpointer = Checkpointer(tmp_path / "c", {"model": ModelState([model])}, log=lambda m, **fields: None)
     assert checkpointer.verify(8) is None
     corrupt_file(checkpointer.path(8))
     assert "checksum" in checkpointer.verify(8)
@@ -73,13 +88,28 @@ def test_corrupt_or_partial_checkpoints_never_count(fault_free, tmp_path):
 def test_resume_is_bit_identical_after_a_kill(fault_free, tmp_path):
     """SIGKILL before step 6 (checkpoints at 2 and 4), start again: the same losses and final parameters."""
     run, losses = fault_free
-    killed = subprocess.run([sys.executable, "-m", "llama3.train", *TINY, f"run.dir={tmp_path}",
-                             "faults.inject=['kill:step=6']"], capture_output=True, text=True, timeout=120)
+    killed = run_module(TINY + [f"run.dir={tmp_path}", "faults.inject=['kill:step=6']"])
     assert killed.returncode == -9, killed.stderr[-2000:]
     resumed = train(TINY + [f"run.dir={tmp_path}"])
     assert resumed == losses[4:]
     assert_same_params(final_params(tmp_path), final_params(run))
     assert json.loads((tmp_path / "goodput.json").read_text())["summary"]["restarts"] == 1
+
+    # the record: both starts with what they resumed from, the death found at the restart, its recovery
+    assert [e["resumed"] for e in lines(tmp_path, "start")] == ["fresh", "step-00000004"]
+    [died] = lines(tmp_path, "fault", kind="process_died", step=6, rank=0)
+    assert lines(tmp_path, "action", kind="restart", resumed="step-00000004")
+    [recovered] = lines(tmp_path, "recovered", kind="process_died", fault_step=6)
+    assert 0 < float(recovered["duration_s"]) < 120
+    # metrics.jsonl: wall-clock time on every record, step 5 ran twice and the second run is marked
+    records = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
+    assert [r["step"] for r in records if r.get("replayed")] == [5]
+    assert all(a["time"] <= b["time"] for a, b in zip(records, records[1:]))
+    report = summarize(tmp_path)
+    assert report["finished"] and report["replayed_steps"] == 1 and report["starts"] == 2
+    assert [(f["kind"], f["step"]) for f in report["faults"]] == [("process_died", "6")]
+    assert "process_died" in format_report(report) and 0 < report["goodput"] < 1
 
 
 @pytest.mark.parametrize("async_save", [False, True])
@@ -89,6 +119,7 @@ def test_a_failing_save_keeps_training_and_the_previous_checkpoint(fault_free, t
                         f"checkpoint.async_save={str(async_save).lower()}"])
     assert got == losses
     assert "checkpoint of step 4 failed" in (tmp_path / "events.log").read_text()
+    assert lines(tmp_path, "fault", kind="save_failed", step=4) and lines(tmp_path, "recovered", kind="save_failed")
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
     assert_same_params(final_params(tmp_path), final_params(run))
 
@@ -101,6 +132,9 @@ def test_a_nan_step_is_skipped(tmp_path):
     faulty = tmp_path / "faulty"
     train(TINY + [f"run.dir={faulty}", "faults.inject=['nan:step=5']"])
     assert "step 5: non-finite loss" in (faulty / "events.log").read_text()
+    assert lines(faulty, "fault", kind="non_finite", step=5, rank="all")
+    assert lines(faulty, "action", kind="skip_step", step=5)
+    assert lines(faulty, "recovered", kind="non_finite", fault_step=5, step=6)
     assert_same_params(final_params(faulty), final_params(reference))
 
 
@@ -112,6 +146,8 @@ def test_nans_in_a_row_roll_back_and_skip_the_window(tmp_path):
                   "faults.inject=['nan:step=5', 'nan:step=6']"])
     events = (faulty / "events.log").read_text()
     assert "rolled back to the checkpoint of step 4" in events
+    assert len(lines(faulty, "fault", kind="non_finite")) == 2
+    assert lines(faulty, "action", kind="rollback", step=6, to="step-00000004")
     assert json.loads((faulty / "skip_steps.json").read_text()) == [5, 6]
     assert_same_params(final_params(faulty), final_params(reference))
 
@@ -143,6 +179,39 @@ def test_watchdog_dumps_stacks_and_exits(tmp_path):
     assert result.returncode == HANG_EXIT_CODE
     assert "stuck_in_a_collective" in result.stderr
     assert "stuck_in_a_collective" in (tmp_path / "hang.txt").read_text()
+
+
+def test_a_hung_step_and_a_corrupt_checkpoint_are_recorded(fault_free, tmp_path):
+    """A rank stuck before step 5: its watchdog dumps the stacks, records the hang and exits with its code; the
+    next start finds the newest checkpoint (step 4) corrupted, uses step 2's and ends on the fault-free run."""
+    run, _ = fault_free
+    hung = run_module(TINY + [f"run.dir={tmp_path}", "faults.watchdog_timeout_s=5", "faults.inject=['hang:step=5']"])
+    assert hung.returncode == HANG_EXIT_CODE, hung.stderr[-2000:]
+    [hang] = lines(tmp_path, "fault", kind="hang", step=5, rank=0, phase="step 5")
+    assert lines(tmp_path, "action", kind="exit", code=HANG_EXIT_CODE)
+    corrupt_file(tmp_path / "checkpoints" / "step-00000004")
+    train(TINY + [f"run.dir={tmp_path}"])
+    assert lines(tmp_path, "fault", kind="corrupt_checkpoint", checkpoint="step-00000004")
+    assert [e["resumed"] for e in lines(tmp_path, "start")] == ["fresh", "step-00000002"]
+    assert {e["kind"] for e in lines(tmp_path, "recovered")} == {"hang", "corrupt_checkpoint"}
+    [recovered] = lines(tmp_path, "recovered", kind="hang")
+    assert float(recovered["duration_s"]) > 5  # from the hang's start: the watchdog's wait counts
+    assert_same_params(final_params(tmp_path), final_params(run))
+
+
+def test_a_hang_while_forming_the_process_group_is_caught(tmp_path):
+    """Rank 0 of two waits for a peer that never comes: the start-up budget ends it like a hung step."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    result = subprocess.run([sys.executable, "-m", "llama3.train", *TINY, f"run.dir={tmp_path}",
+                             "faults.startup_timeout_s=2"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == HANG_EXIT_CODE, result.stderr[-2000:]
+    assert "in rendezvous and process group creation" in result.stderr
+    assert "init_distributed" in (tmp_path / "hang-rank0.txt").read_text()  # the stack shows where it hung
+    assert lines(tmp_path, "fault", kind="hang", phase="rendezvous and process group creation")
 
 
 def test_a_flipped_bit_changes_the_fingerprint():

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llama3.train.events import read_events
 from llama3.weights import read_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -51,3 +52,18 @@ def test_every_fault_is_recovered_unattended(tmp_path):
     summary = json.loads((faulty / "goodput.json").read_text())["summary"]
     assert summary["restarts"] == 3 and summary["rollbacks"] == 1  # kill, corrupt checkpoint, hang; bit flip
     assert 0 < summary["goodput"] < 1
+
+    # the record names the rank that died (the other was stopped by torchrun and said so), each hung rank, the
+    # replicas that disagreed, the bad checkpoint; every start says where it resumed from
+    record = read_events(faulty)
+    faults = [(e["kind"], e["step"], e["rank"]) for e in record if e["event"] == "fault"]
+    assert ("process_died", "5", "1") in faults and ("process_died", "11", "0") in faults
+    assert sum(kind == "process_died" for kind, _, _ in faults) == 2
+    assert ("replica_mismatch", "8", "0,1") in faults
+    assert {rank for kind, step, rank in faults if kind == "hang"} <= {"0", "1"}
+    assert any(kind == "hang" and step == "13" for kind, step, _ in faults)
+    assert any(kind == "corrupt_checkpoint" for kind, _, _ in faults)
+    starts = [e for e in record if e["event"] == "start"]
+    assert len(starts) == 4 and starts[0]["resumed"] == "fresh" and all(s["resumed"] != "fresh" for s in starts[1:])
+    recovered = {e["kind"] for e in record if e["event"] == "recovered"}
+    assert {"process_died", "replica_mismatch", "hang", "corrupt_checkpoint", "save_failed"} <= recovered

@@ -323,6 +323,9 @@ def test_queue_full_gives_429_and_the_server_recovers(llm):
             assert wait_until(lambda: engine.num_running == 1)
             r = httpx.post(server.url + "/v1/completions", json={"model": llm.name, "prompt": "a"}, timeout=10)
             assert r.status_code == 429 and r.json()["error"]["code"] == "server_busy"
+            assert r.headers["retry-after"] == "1"
+            assert httpx.get(server.url + "/health", timeout=10).status_code == 200  # a full queue is not down
+            assert httpx.get(server.url + "/metrics", timeout=10).status_code == 200
             streams.close()  # both clients go away: both requests are cancelled
             assert wait_until(lambda: engine.num_running == 0 and engine.num_waiting == 0, timeout=5)
         r = httpx.post(server.url + "/v1/completions", json={"model": llm.name, "prompt": "a", "max_tokens": 3},

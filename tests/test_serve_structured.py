@@ -66,7 +66,7 @@ def streamed_reply(chunks):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_tool_round_trip(client, llm, stream):
-    def ask(messages, max_tokens=40, **kw):
+    def ask(messages, max_tokens=64, **kw):
         args = dict(model=llm.name, messages=messages, tools=[WEATHER, TIME], max_tokens=max_tokens, temperature=0,
                     **kw)
         if not stream:
@@ -93,7 +93,7 @@ def test_tool_round_trip(client, llm, stream):
     assert answer == llm.tokenizer.decode(llm.tokenizer.encode(answer))  # plain text, no call syntax left
     if stream:  # the same calls streamed and not
         plain = client.chat.completions.create(model=llm.name, messages=ASK, tools=[WEATHER, TIME],
-                                               tool_choice="required", max_tokens=40, temperature=0)
+                                               tool_choice="required", max_tokens=64, temperature=0)
         assert [(c.function.name, c.function.arguments) for c in plain.choices[0].message.tool_calls] == \
             [(c["name"], c["arguments"]) for c in calls]
 

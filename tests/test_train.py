@@ -143,8 +143,15 @@ def test_synthetic_batches_do_not_depend_on_the_layout():
     assert all(torch.equal(a, b) for a, b in zip(next(again), expected))
     assert not torch.equal(next(SyntheticTokens(512, 4, 32, seed=3, split="val"))[0], next(SyntheticTokens(
         512, 4, 32, seed=3))[0])
-    with pytest.raises(ValueError, match="batch_size"):
-        SyntheticTokens(512, 2, 32, seed=3).load_state_dict(state)
+    # Another split of the same rows (an elastic job that lost or regained ranks) continues on the same rows.
+    halves = [SyntheticTokens(512, 2, 32, rank=r, world_size=2, seed=3) for r in range(2)]
+    for h in halves:
+        h.load_state_dict(state)
+    assert torch.equal(torch.cat([next(h)[0] for h in halves]), next(again)[0])
+    with pytest.raises(ValueError, match="whole number of batches"):
+        SyntheticTokens(512, 3, 32, seed=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed"):
+        SyntheticTokens(512, 4, 32, seed=4).load_state_dict(state)
 
 
 def test_document_mask_keeps_documents_apart():
@@ -330,11 +337,10 @@ def test_sequence_length_8192_with_document_masking(tmp_path):
     assert len(losses) == 1 and math.isfinite(losses[0])
 
 
-def test_resume_under_another_batch_split_is_an_error_not_a_corrupt_checkpoint(tmp_path):
+def test_resume_under_another_data_stream_is_an_error_not_a_corrupt_checkpoint(tmp_path):
     train(TINY + ["training.steps=2", "checkpoint.enabled=true", f"run.dir={tmp_path}"])
     with pytest.raises(ValueError, match="cannot continue this run's data position"):
-        train(TINY + ["training.steps=4", "checkpoint.enabled=true", "training.micro_batch_size=2",
-                      f"run.dir={tmp_path}"])
+        train(TINY + ["training.steps=4", "checkpoint.enabled=true", "run.seed=1", f"run.dir={tmp_path}"])
     assert (tmp_path / "checkpoints" / "step-00000002").is_dir()  # kept as it was, not quarantined
 
 

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..constrain import Constraint, ConstraintError, json_schema_grammar, tool_calls_grammar
 from ..tools import PYTHON_TAG, ToolCallParser
+from .connections import ConnectionGuard, guarded_protocol
 from .engine import Engine, Output, QueueFull
 from .engine import Request as EngineRequest
 from .metrics import ServeMetrics
@@ -43,13 +44,20 @@ STATIC_DIR = Path(__file__).parent / "static"
 @dataclass
 class ServeConfig:
     api_key: str | None = None
-    max_batch: int = 8  # requests decoded together
+    max_batch: int = 64  # requests decoded together
     max_context: int | None = None  # tokens per request, prompt + completion (default: the model's)
     max_queue: int = 64  # requests waiting for a free slot before new ones get 429
     prefill_chunk: int = 256  # prompt tokens prefilled per engine step
+    kv_cache_tokens: int | None = None  # positions the paged KV cache holds for all requests (default 4 contexts)
+    prefix_caching: bool = True  # share computed prompt prefixes between requests
     max_body_bytes: int = 1 << 20
     request_timeout: float = 600.0  # seconds from receiving a request to its last token
     body_timeout: float = 30.0  # seconds to receive a request body
+    header_timeout: float = 10.0  # seconds for a connection to deliver request headers (after connecting or a reply)
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
+    max_connections: int = 1024  # open connections in all; past it idle ones are closed, or newcomers get 503
+    max_client_connections: int = 128  # open connections per client address, the same way
+    retry_after: int = 1  # seconds, in the Retry-After header of 429 and 503 answers
 
 
 class ClientGone(Exception):
@@ -120,7 +128,8 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
     created = now()
     metrics = ServeMetrics()
     engine = Engine(llm.model, llm.tokenizer, max_batch=config.max_batch, max_context=config.max_context,
-                    max_queue=config.max_queue, prefill_chunk=config.prefill_chunk, metrics=metrics)
+                    max_queue=config.max_queue, prefill_chunk=config.prefill_chunk,
+                    kv_cache_tokens=config.kv_cache_tokens, prefix_caching=config.prefix_caching, metrics=metrics)
     metrics.watch_engine(engine)
 
     @asynccontextmanager
@@ -136,6 +145,8 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        if e.status in (429, 503):
+            headers = {"Retry-After": str(config.retry_after)}
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -396,6 +407,10 @@ def create_app(llm, config: ServeConfig | None = None) -> FastAPI:
     async def page():
         return FileResponse(STATIC_DIR / "index.html")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():  # browsers and tools ask for this path whatever the page links to
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
@@ -498,6 +513,32 @@ class CountRequests:
         await self.app(scope, receive, counting_send)
 
 
+def connection_budget(wanted: int) -> int:
+    """Connections the process can hold: raises its open-file limit towards `wanted` (plus room for the model's
+    files and logs) as far as the hard limit allows; a lower cap than asked is logged, never a failing accept."""
+    import resource
+    spare = 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted + spare:
+        soft = wanted + spare if hard == resource.RLIM_INFINITY else min(hard, wanted + spare)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft != resource.RLIM_INFINITY and soft < wanted + spare:
+        log.warning("the open-file limit (%d) allows %d connections, not %d", soft, soft - spare, wanted)
+        return max(1, soft - spare)
+    return wanted
+
+
+def uvicorn_config(app: FastAPI, **kwargs):
+    """uvicorn's settings for this app: HTTP/1.1 under the connection guard with the app's ServeConfig limits."""
+    import uvicorn
+    config: ServeConfig = app.state.config
+    guard = ConnectionGuard(max_total=connection_budget(config.max_connections),
+                            max_per_client=config.max_client_connections,
+                            header_timeout=config.header_timeout, retry_after=config.retry_after)
+    return uvicorn.Config(app, http=guarded_protocol(guard), timeout_keep_alive=config.keep_alive_timeout,
+                          **kwargs)
+
+
 class BackgroundServer:
     """Serve an app with uvicorn on a background thread, on a free loopback port (tests, benchmarks, notebooks).
 
@@ -511,7 +552,7 @@ class BackgroundServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = host, self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(uvicorn_config(app, log_level="warning", timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.start_timeout = start_timeout
 

@@ -6,14 +6,20 @@ The trainer (and torch.distributed with it) is imported on first use, so the CLI
 from __future__ import annotations
 
 
-def train(overrides: list[str] | None = None, *, config: str | None = None) -> list[float]:
+def train(overrides: list[str] | None = None, *, config: str | None = None, report: str | None = None
+          ) -> list[float]:
     """Pretrain a Llama model; with no arguments, the debug preset on the built-in corpus. Under torchrun the
     processes form one DeviceMesh: `torchrun --nproc-per-node 4 -m llama3.train parallel.tp=2`.
 
     Args:
         overrides: section.key=value settings applied after the config file, e.g. training.steps=100 parallel.tp=2
         config: TOML, JSON or YAML file with the training configuration
+        report: instead of training, print goodput, faults and recovery times of this run directory
     """
+    if report is not None:
+        from .report import format_report, summarize
+        print(format_report(summarize(report)))
+        return []
     from .config import load_config
     from .pretrain import Pretraining
     from .trainer import Trainer

@@ -121,8 +121,10 @@ class Checkpointer:
     """
 
     def __init__(self, directory: Path, state: dict[str, Stateful], keep: int = 2, async_save: bool = False,
-                 log=print):
-        self.directory, self.state, self.keep, self.async_save, self.log = directory, state, keep, async_save, log
+                 log=None):
+        """`log(message, **fields)`: where faults go (the trainer's event record; default: print)."""
+        self.directory, self.state, self.keep, self.async_save = directory, state, keep, async_save
+        self.log = log or (lambda message, **fields: print(message))
         self.pending: tuple[int, Future] | None = None
         self.fail_next_save = False  # set by the fault injector: the next save's storage write raises
         self.stall_s = 0.0  # time the training loop spent blocked on checkpointing
@@ -208,7 +210,7 @@ class Checkpointer:
 
     def _failed(self, step: int, error: Exception) -> None:
         self.log(f"checkpoint of step {step} failed ({type(error).__name__}: {_first_line(error)}); "
-                 f"training continues, the previous checkpoint stays")
+                 f"training continues, the previous checkpoint stays", event="fault", kind="save_failed", step=step)
         if is_rank0():
             shutil.rmtree(self.directory / f".tmp-step-{step:08d}", ignore_errors=True)
 
@@ -276,7 +278,8 @@ class Checkpointer:
         return step
 
     def _quarantine(self, step: int, reason: str) -> None:
-        self.log(f"checkpoint {self.path(step)} is not valid ({reason}); using the previous one")
+        self.log(f"checkpoint {self.path(step)} is not valid ({reason}); using the previous one", event="fault",
+                 kind="corrupt_checkpoint", checkpoint=self.path(step).name)
         if is_rank0():
             os.replace(self.path(step), self.directory / f"corrupt-step-{step:08d}")
 

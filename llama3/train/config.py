@@ -111,6 +111,8 @@ class FaultsConfig:
     spike_window: int = 50  # recent good steps the spike statistics are taken over
     skip_steps: list[int] = field(default_factory=list)  # steps whose batch is consumed without an update
     watchdog_timeout_s: float = 0.0  # a step (or save) longer than this dumps stacks and exits (0: off)
+    # the same for each start-up phase: rendezvous and process group, model build, checkpoint load (0: off)
+    startup_timeout_s: float = 0.0
     fingerprint_every: int = 0  # compare data-parallel replicas' parameter fingerprints every N steps (0: off)
     inject: list[str] = field(default_factory=list)  # e.g. "kill:step=7:rank=1"; also $LLAMA3_FAULTS
 

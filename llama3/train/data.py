@@ -65,10 +65,17 @@ class SyntheticTokens:
         return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "batch_size", "world_size"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"data state was saved with {key}={state[key]!r}, this run has {getattr(self, key)!r}")
-        self.step = int(state["step"])
+        """Continue where the saved stream stopped. Another split of the same rows (more or fewer data-parallel
+        ranks, as when a host drops out of an elastic job and comes back) continues on the same rows, as long as
+        the rows consumed make whole batches of the new split."""
+        if state["seed"] != self.seed:
+            raise ValueError(f"data state was saved with seed={state['seed']!r}, this run has {self.seed!r}")
+        rows = int(state["step"]) * state["batch_size"] * state["world_size"]
+        per_batch = self.batch_size * self.world_size
+        if rows % per_batch:
+            raise ValueError(f"data state was saved after {rows} rows, not a whole number of batches of "
+                             f"batch_size={self.batch_size} x world_size={self.world_size}")
+        self.step = rows // per_batch
 
 
 def dataset_dir(dataset: str) -> Path | None:

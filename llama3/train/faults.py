@@ -154,33 +154,54 @@ class LossGuard:
         self.bad_in_a_row = 0
 
 
-class Watchdog:
-    """A thread that expects `beat()` at least every `timeout` seconds. When a step or collective hangs it writes
-    every thread's stack to stderr and <run dir>/hang-rank<R>.txt and ends the process with HANG_EXIT_CODE, so that
-    torchrun restarts the job from the latest checkpoint."""
+def start_watchdog(cfg, run_dir: str | None, on_fire=None) -> "Watchdog | None":
+    """The watchdog from the very start of a process (`cfg`: FaultsConfig), so that the rendezvous, the process
+    group, the model build and the checkpoint load are watched as well as the steps; None when both budgets are
+    off. Its first phases run before the run directory is known: the dump goes there if run.dir is set."""
+    if cfg.watchdog_timeout_s <= 0 and cfg.startup_timeout_s <= 0:
+        return None
+    rank = int(os.environ.get("RANK", 0))
+    return Watchdog(cfg.startup_timeout_s, Path(run_dir) / f"hang-rank{rank}.txt" if run_dir else None, on_fire)
 
-    def __init__(self, timeout: float, dump_path: Path):
-        self.timeout, self.dump_path = timeout, dump_path
+
+class Watchdog:
+    """A thread that expects `beat()` at least every `timeout` seconds. When a step, a collective, the rendezvous or
+    a checkpoint load hangs it writes every thread's stack to stderr and <run dir>/hang-rank<R>.txt, calls
+    `on_fire(message, waited_s, what)` (the event record) and ends the process with HANG_EXIT_CODE, so that torchrun
+    restarts the job from the latest checkpoint. Each beat may set the budget for the phase it starts (start-up
+    phases get their own); a budget of 0 means no limit for that phase."""
+
+    def __init__(self, timeout: float, dump_path: Path | None, on_fire=None):
+        self.timeout, self.dump_path, self.on_fire = timeout, dump_path, on_fire
         self.last = time.monotonic()
         self.what = "start"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
         self._thread.start()
 
-    def beat(self, what: str) -> None:
+    def beat(self, what: str, timeout: float | None = None) -> None:
         self.last, self.what = time.monotonic(), what
+        if timeout is not None:
+            self.timeout = timeout
 
     def _watch(self) -> None:
-        while not self._stop.wait(min(1.0, self.timeout / 10)):
+        while not self._stop.wait(min(1.0, self.timeout / 10) if self.timeout > 0 else 1.0):
             waited = time.monotonic() - self.last
-            if waited > self.timeout:
+            if self.timeout > 0 and waited > self.timeout:
                 message = f"watchdog: no progress for {waited:.0f}s (> {self.timeout:g}s) in {self.what}; exiting\n"
                 sys.stderr.write(message)
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-                with open(self.dump_path, "w") as f:
-                    f.write(message)
-                    faulthandler.dump_traceback(file=f, all_threads=True)
+                if self.dump_path is not None:
+                    self.dump_path.parent.mkdir(parents=True, exist_ok=True)
+                    with open(self.dump_path, "w") as f:
+                        f.write(message)
+                        faulthandler.dump_traceback(file=f, all_threads=True)
                 sys.stderr.flush()
+                if self.on_fire is not None:
+                    try:
+                        self.on_fire(message.strip(), waited, self.what)
+                    except Exception as e:  # the record is best effort: exiting is what matters
+                        sys.stderr.write(f"watchdog: could not record the hang: {e}\n")
                 os._exit(HANG_EXIT_CODE)
 
     def stop(self) -> None:

@@ -110,7 +110,11 @@ class MetricsWriter:
     def __init__(self, run_dir: Path, *, tensorboard: bool = True, stream=None):
         self.run_dir = run_dir
         self.stream = stream or sys.stdout
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        path = run_dir / "metrics.jsonl"
+        # the furthest training step recorded so far, over every start: steps up to it that come again (after a
+        # restart or a rollback) are marked replayed
+        self.furthest = max((r["step"] for r in read_jsonl(path) if "loss" in r), default=0)
+        self.jsonl = open(path, "a")
         self.tb = None
         if tensorboard:
             try:
@@ -120,11 +124,17 @@ class MetricsWriter:
                 pass
 
     def log(self, record: dict) -> None:
+        """Write one record, stamped with the wall-clock time (seconds since the epoch)."""
+        record = {**record, "time": round(time.time(), 3)}
+        if "loss" in record:
+            if record["step"] <= self.furthest:
+                record["replayed"] = True
+            self.furthest = max(self.furthest, record["step"])
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
+                if key not in ("step", "time") and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, record["step"])
         print(format_record(record), file=self.stream, flush=True)
 
@@ -137,17 +147,30 @@ class MetricsWriter:
             self.tb.close()
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl (empty if there is none); a line cut short by a crash is left out."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def format_record(r: dict) -> str:
     """One console line; an objective's own statistics (DPO's reward margin and accuracy) follow the loss."""
     if "val_loss" in r:
         return " | ".join([f"step {r['step']:>6}", *(f"{k.replace('_', ' ')} {v:.4f}" for k, v in r.items()
-                                                      if k != "step")])
+                                                      if k not in ("step", "time", "replayed"))])
     extra = [f"{k} {v:.3f}" for k, v in r.items() if k in ("chosen_reward", "rejected_reward", "margin", "accuracy")]
     parts = [f"step {r['step']:>6}", f"loss {r['loss']:.4f}", *extra, f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm']:.3f}",
              f"{r['tokens_per_s']:,.0f} tok/s ({r['tokens_per_s_per_device']:,.0f}/dev)",
              f"{r['tflops_per_device']:.3g} TFLOP/s/dev", f"MFU {100 * r['mfu']:.1f}%",
              f"mem {r['peak_mem_gib']:.2f} GiB", f"{r['step_time_s']:.2f}s"]
-    return " | ".join(parts)
+    return " | ".join(parts) + (" (replayed)" if r.get("replayed") else "")
 
 
 def plot_losses(jsonl_path: Path, png_path: Path) -> bool:
@@ -159,8 +182,7 @@ def plot_losses(jsonl_path: Path, png_path: Path) -> bool:
     except ImportError:
         return False
     train, val = [], []
-    for line in jsonl_path.read_text().splitlines():
-        r = json.loads(line)
+    for r in read_jsonl(jsonl_path):
         if "loss" in r:
             train.append((r["step"], r["loss"]))
         if "val_loss" in r:

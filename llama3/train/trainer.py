@@ -14,7 +14,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -33,9 +32,11 @@ from .checkpoint import (CheckpointMismatch, Checkpointer, ModelState, Optimizer
                          full_model_state_dict, is_rank0)
 from .config import ConfigError, Layout, LoopConfig, OptimConfig, resolve_layout
 from .data import IGNORE, document_mask
-from .faults import FaultInjector, LossGuard, Watchdog, replica_mismatch
+from .events import EventLog, process_age_s, restart_faults
+from .faults import HANG_EXIT_CODE, FaultInjector, LossGuard, replica_mismatch, start_watchdog
 from .goodput import Goodput
 from .metrics import MetricsWriter, measure_peak_flops, peak_memory_gib, plot_losses, reset_peak_memory, synchronize
+from .network import check_multihost_settings
 from .parallelize import build_mesh, parallelize
 from .pipeline import build_pipeline
 
@@ -84,6 +85,7 @@ def init_distributed(device_choice: str) -> tuple[torch.device, bool]:
     if use_cuda:
         torch.cuda.set_device(device)
     if distributed and not dist.is_initialized():
+        check_multihost_settings(gloo=not use_cuda)
         store, rank, world_size = restart_scoped_store()
         if use_cuda:
             dist.init_process_group("nccl", device_id=device, store=store, rank=rank, world_size=world_size)
@@ -100,6 +102,8 @@ def restart_scoped_store() -> tuple[dist.Store, int, int]:
     agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                           is_master=not agent_hosts_it and rank == 0, timeout=timedelta(minutes=10))
+    if not agent_hosts_it:  # rank 0 hosts a fresh store for every attempt: nothing stale in it
+        return store, rank, world_size
     return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store), rank, world_size
 
 
@@ -186,14 +190,24 @@ class Trainer:
     def __init__(self, cfg: LoopConfig, task: Task):
         self.cfg = cfg
         self.task, self.objective = task, task.objective
+        self.events: EventLog | None = None  # the fault record, once the run directory exists
+        self.startup = {"imports": process_age_s()}  # the cold start, itemised in the start line
+        self.phase, self.phase_began = None, time.monotonic()
+        self.watchdog = start_watchdog(cfg.faults, cfg.run.dir, on_fire=self.record_hang)
+        self.beat("rendezvous and process group creation", startup=True)
         self.device, self.distributed = init_distributed(cfg.run.device)
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.dtype = resolve_dtype(cfg.training.dtype, self.device)
         self.run_dir = create_run_dir(cfg.run.dir or task.default_run_dir(), cfg.to_dict(), self.distributed)
         self.rank = dist.get_rank() if self.distributed else 0
-        self.watchdog = None
-        if cfg.faults.watchdog_timeout_s > 0:  # from here on: a hung load or checkpoint restore is caught as well
-            self.watchdog = Watchdog(cfg.faults.watchdog_timeout_s, self.run_dir / f"hang-rank{self.rank}.txt")
+        if self.watchdog is not None:
+            self.watchdog.dump_path = self.run_dir / f"hang-rank{self.rank}.txt"
+        self.events = EventLog(self.run_dir, self.rank)
+        previous = self.events.take_previous_statuses() if is_rank0() else []
+        if self.distributed:  # rank 0 has read the previous start's statuses before anyone overwrites them
+            broadcast_object(None)
+            self.events.record_termination()
+        self.beat("model build", startup=True)
 
         model = task.build_model(self.device, self.dtype)
         self.args: ModelArgs = task.args
@@ -240,10 +254,12 @@ class Trainer:
             "optimizer": OptimizerState(self.parts, self.optimizers),
             "progress": _Progress(self),
             "rng": RNGState(self.rank)}, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
-            log=self.log)
+            log=self.events.note)
+        restarted = restart_faults(self.events, previous, self.world_size) if is_rank0() else []
+        self.beat("checkpoint load", startup=True)
         if cfg.checkpoint.enabled and cfg.checkpoint.resume:
-            self.beat("checkpoint load")
             self.step = self.checkpointer.load_latest() or 0
+        self.record_start(restarted)
 
         if cfg.metrics.peak_tflops:
             self.peak_flops = cfg.metrics.peak_tflops * 1e12
@@ -393,7 +409,7 @@ class Trainer:
         last_save = time.monotonic()
         while self.step < cfg.training.steps:
             step = self.step + 1
-            self.beat(f"step {step}")
+            self.beat(f"step {step}", step=step)
             self.injector.before_step(step, self)
             if step in self.skip_steps:
                 self.skip_batch()
@@ -406,12 +422,16 @@ class Trainer:
             elapsed = time.perf_counter() - start
             self.step = step
             if problem is not None:
-                self.log(f"step {step}: {problem}; step skipped ({self.guard.bad_in_a_row} in a row)")
+                self.events.fault("non_finite" if problem.startswith("non-finite") else "loss_spike",
+                                  f"step {step}: {problem}", step=step, rank="all")
+                self.events.action("skip_step", f"step {step} skipped ({self.guard.bad_in_a_row} in a row)",
+                                   step=step)
                 self.add_skip_steps([step])
                 if self.guard.bad_in_a_row >= cfg.faults.max_bad_steps:
                     self.rollback(f"{self.guard.bad_in_a_row} bad steps in a row")
                 continue
             self.goodput.add_step(elapsed)
+            self.events.productive(self.step)
             self.losses.append(record["loss"])
             self.log_step(record, elapsed)
             last = self.step == cfg.training.steps
@@ -435,9 +455,12 @@ class Trainer:
             part.eval()
         self.output = self.task.export(self) if cfg.checkpoint.export else None
         summary = self.goodput.summary(self.checkpointer.stall_s)
-        self.log(f"goodput {summary['goodput']:.1%}: {summary['productive_s']:.1f}s of productive steps in "
-                 f"{summary['wall_s']:.1f}s wall time, {summary['restarts']} restart(s), {summary['rollbacks']} "
-                 f"rollback(s), {self.checkpointer.stall_s:.2f}s blocked on checkpoints since the last start")
+        self.events.write(
+            "end", f"goodput {summary['goodput']:.1%}: {summary['productive_s']:.1f}s of productive steps in "
+            f"{summary['wall_s']:.1f}s wall time, {summary['restarts']} restart(s), {summary['rollbacks']} "
+            f"rollback(s), {self.checkpointer.stall_s:.2f}s blocked on checkpoints since the last start",
+            step=self.step, goodput=summary["goodput"], wall_s=summary["wall_s"])
+        self.events.set_status("done")
         if self.watchdog is not None:
             self.watchdog.stop()
         if self.writer is not None:
@@ -474,15 +497,46 @@ class Trainer:
     # ---- recovery ------------------------------------------------------------------------------------------------
 
     def log(self, message: str) -> None:
-        """Reliability events: on rank 0's stderr and in <run dir>/events.log."""
-        if is_rank0():
-            print(message, file=sys.stderr, flush=True)
-            with open(self.run_dir / "events.log", "a") as f:
-                f.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} {message}\n")
+        """Reliability events: on rank 0's stderr and in <run dir>/events.log (events.py)."""
+        self.events.note(message)
 
-    def beat(self, what: str) -> None:
+    def beat(self, what: str, step: int | None = None, startup: bool = False) -> None:
+        """Progress: the watchdog's heartbeat (start-up phases have their own budget) and this rank's status."""
         if self.watchdog is not None:
-            self.watchdog.beat(what)
+            f = self.cfg.faults
+            self.watchdog.beat(what, f.startup_timeout_s if startup else f.watchdog_timeout_s)
+        if self.phase_began is not None:  # time the start-up phase that just ended
+            now = time.monotonic()
+            if self.phase is not None:
+                self.startup[self.phase] = now - self.phase_began
+            self.phase, self.phase_began = (what.split()[0], now) if startup else (None, None)
+        if self.events is not None:
+            self.events.set_status("running", step, what)
+
+    def record_hang(self, message: str, waited_s: float, what: str) -> None:
+        """The watchdog fired (its thread): each hung rank records itself, since rank 0 may be the one stuck."""
+        events = self.events or EventLog(Path(self.cfg.run.dir or "."), int(os.environ.get("RANK", 0)))
+        events.set_status("hang", what=what, since=time.time() - waited_s)
+        events.fault("hang", message, everyone=True, at=time.time() - waited_s, phase=what)
+        events.write("action", f"rank {events.rank} exits with code {HANG_EXIT_CODE} for the launcher to restart "
+                     "the job", everyone=True, kind="exit", code=HANG_EXIT_CODE)
+
+    def record_start(self, restarted: list[dict]) -> None:
+        """The start line: which attempt, on which hosts, resumed from which checkpoint (or fresh)."""
+        hosts = gather_all(self.events.host) if self.distributed else [self.events.host]
+        resumed = f"step-{self.step:08d}" if self.step else "fresh"
+        attempt = self.goodput.record.get("starts", 1) - 1
+        if restarted:
+            self.events.action("restart", f"the job restarted (attempt {attempt}) and resumes from {resumed}",
+                               attempt=attempt, resumed=resumed)
+        self.beat("first step")  # ends the last start-up phase
+        phases = {k: round(v, 2) for k, v in self.startup.items()}
+        self.events.write("start", f"start {attempt}: {self.world_size} process(es) on "
+                          f"{len(set(hosts))} host(s), resuming from {resumed}; start-up "
+                          + ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()), attempt=attempt,
+                          world=self.world_size, hosts=",".join(sorted(set(hosts))), resumed=resumed,
+                          launcher_restart=os.environ.get("TORCHELASTIC_RESTART_COUNT"),
+                          **{f"{k}_s": v for k, v in phases.items()})
 
     def minutes_passed(self, since: float, minutes: float) -> bool:
         """Whether a time-based checkpoint is due; rank 0's clock decides for everyone."""
@@ -513,7 +567,8 @@ class Trainer:
         self.step = step
         self.guard.reset()
         self.goodput.rollback()
-        self.log(f"step {failed_at}: {reason}; rolled back to the checkpoint of step {step}")
+        self.events.action("rollback", f"step {failed_at}: {reason}; rolled back to the checkpoint of step {step}",
+                           step=failed_at, to=f"step-{step:08d}")
 
     def replica_group(self):
         if self.mesh is None or self.layout.dp_replicate < 2:
@@ -527,6 +582,8 @@ class Trainer:
             bad = [r for ranks in gather_all(bad) for r in ranks]
         if not bad:
             return False
+        self.events.fault("replica_mismatch", f"step {self.step}: replica parameter fingerprints differ",
+                          rank=",".join(map(str, sorted(set(bad)))))
         self.rollback(f"parameter fingerprints of data-parallel replicas differ (ranks {sorted(set(bad))})")
         return True
 
