@@ -279,7 +279,7 @@ class Checkpointer:
 
     def _quarantine(self, step: int, reason: str) -> None:
         self.log(f"checkpoint {self.path(step)} is not valid ({reason}); using the previous one", event="fault",
-                 kind="corrupt_checkpoint", checkpoint=self.path(step).name)
+                 kind="corrupt_checkpoint", checkpoint=self.path(step).name, step=step)
         if is_rank0():
             os.replace(self.path(step), self.directory / f"corrupt-step-{step:08d}")
 
