@@ -67,10 +67,10 @@ JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separa
 def json_schema_grammar(schema: dict | str | None) -> str:
     """Output that is one JSON value valid under `schema` (None: any JSON object, OpenAI's json_object mode)."""
     llg = _llguidance()
-    schema = {"type": "object"} if schema is None else schema
     try:
+        schema = {"type": "object"} if schema is None else json.loads(schema) if isinstance(schema, str) else schema
         # One layout ({"a": 1, "b": [2, 3]}): free whitespace only lets a small model wander into newlines.
-        return llg.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_LAYOUT)
+        return llg.LLMatcher.grammar_from_json_schema(finite_numbers(schema), overrides=JSON_LAYOUT)
     except ValueError as e:
         raise ConstraintError(f"invalid JSON schema: {e}") from None
 
@@ -83,17 +83,51 @@ def lark_grammar(lark: str) -> str:
     return _llguidance().LLMatcher.grammar_from_lark(lark)
 
 
+_LITERAL_KEYS = ("enum", "const", "default", "examples")
+NUMBER_STEP = 1e-6  # numbers are written with at most 6 decimals...
+NUMBER_LIMIT = 10**15  # ...and at most 15 digits before the point, unless the schema bounds them itself
+
+
+def _rewrite(schema, fix):
+    """Apply fix to every (sub)schema, bottom up."""
+    if isinstance(schema, list):
+        return [_rewrite(s, fix) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return fix({k: v if k in _LITERAL_KEYS else _rewrite(v, fix) for k, v in schema.items()})
+
+
+def _close_object(schema: dict) -> dict:
+    if "properties" in schema and "additionalProperties" not in schema:
+        return {**schema, "additionalProperties": False}
+    return schema
+
+
+def _finite_number(schema: dict) -> dict:
+    types = schema.get("type")
+    types = [types] if isinstance(types, str) else types if isinstance(types, list) else []
+    out = dict(schema)
+    if "number" in types and "multipleOf" not in out:
+        out["multipleOf"] = NUMBER_STEP
+    if "number" in types or "integer" in types:
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = NUMBER_LIMIT
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -NUMBER_LIMIT
+    return out
+
+
 def closed(schema):
     """The schema with every object that lists its properties closed to others (unless it says otherwise): the
     calls it allows still validate against the original, and a small model cannot wander off into invented keys."""
-    if isinstance(schema, list):
-        return [closed(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: closed(v) if k not in ("enum", "const", "default", "examples") else v for k, v in schema.items()}
-    if "properties" in out and "additionalProperties" not in out:
-        out["additionalProperties"] = False
-    return out
+    return _rewrite(schema, _close_object)
+
+
+def finite_numbers(schema):
+    """The schema with numbers capped as llama.cpp's grammars cap them (6 decimals, 15 integral digits unless
+    bounded): every value it allows is valid under the original, and a model sampling at temperature 1 cannot run
+    on writing digits until max_tokens cuts the JSON off."""
+    return _rewrite(schema, _finite_number)
 
 
 def tool_calls_grammar(tools: list[dict], parallel: bool = True, python_tag: bool = False,
@@ -104,7 +138,7 @@ def tool_calls_grammar(tools: list[dict], parallel: bool = True, python_tag: boo
     choices = []
     for tool in tools:
         function = tool_function(tool)
-        parameters = closed(function.get("parameters") or {"type": "object", "properties": {}})
+        parameters = finite_numbers(closed(function.get("parameters") or {"type": "object", "properties": {}}))
         choices.append({"type": "object", "properties": {"name": {"const": function["name"]},
                                                          "parameters": parameters},
                         "required": ["name", "parameters"], "additionalProperties": False})
