@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--restart-after", type=float, default=2.0, help="seconds before the killed replica returns")
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=6)
+    ap.add_argument("--log-dir", default="/tmp", help="each replica's stderr goes to replica<i>.err here")
     opts = ap.parse_args()
     print(f"cpu capability: {torch.backends.cpu.get_cpu_capability()}; machine shared with other jobs")
 
@@ -51,7 +52,7 @@ def main() -> None:
     def launch(i: int) -> subprocess.Popen:
         p = subprocess.Popen([sys.executable, "-m", "llama3.train.ft", "replica", "--replica", str(i), "--replicas",
                               str(opts.replicas), "--lighthouse", server.address(), *overrides], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                             stdout=subprocess.PIPE, stderr=open(f"{opts.log_dir}/replica{i}.err", "a"), text=True)
 
         def read():
             for line in p.stdout:
@@ -78,12 +79,13 @@ def main() -> None:
     server.shutdown()
 
     steps = [r for r in records if r["event"] == "step"]
+    Path(opts.log_dir, "ft_records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     print(f"{opts.replicas} replicas, {opts.preset}, batch {opts.batch_size} x {opts.seq_len}; replica {victim} "
           f"SIGKILLed after step {opts.kill_at}, back {opts.restart_after:.1f}s later")
     for i in range(opts.replicas - 1):
         mine = [r for r in steps if r["replica"] == i]
         before = max(r["time"] for r in mine if r["committed"] and r["time"] <= killed_at)
-        after = min(r for r in mine if r["committed"] and r["time"] > killed_at)
+        after = min((r for r in mine if r["committed"] and r["time"] > killed_at), key=lambda r: r["time"])
         starts = [r for r in records if r["event"] == "start" and r["replica"] == i]
         typical = sorted(r["step_time_s"] for r in mine)[len(mine) // 2]
         print(f"survivor {i}: kill -> next committed step (step {after['step']}, {after['replicas']} replicas) "
@@ -92,10 +94,17 @@ def main() -> None:
               f"starts {len(starts)} (pids {sorted({r['pid'] for r in starts})})")
     back = [r for r in records if r["replica"] == victim and r["time"] > returned_at]
     start = next(r for r in back if r["event"] == "start")
-    first = next(r for r in back if r["event"] == "step" and r["committed"])
+    first = next((r for r in back if r["event"] == "step" and r["committed"]), None)
+    if first is None:
+        sys.exit("the returning replica committed no step before the run ended: use more --steps")
+    healed = "healed from a live peer's memory, no checkpoint read" if first.get("healed_from") is not None \
+        else "not healed"
     print(f"returning replica: imports {start['imports_s']:.2f}s, model build {start['build_s']:.2f}s, manager "
-          f"{start['manager_s']:.2f}s, first committed step {first['step']} (healed from a peer, no checkpoint) "
-          f"{first['time'] - returned_at:.2f}s after its launch; back in a quorum of {first['replicas']}")
+          f"{start['manager_s']:.2f}s, join + heal {first['time'] - start['time']:.2f}s -> committed step "
+          f"{first['step']} ({healed}) {first['time'] - returned_at:.2f}s after its launch")
+    later = [r for r in back if r["event"] == "step" and r["time"] > first["time"]]
+    if later:
+        print(f"  then in quorums of {max(r['replicas'] for r in later)} replicas")
     ends = [r for r in records if r["event"] == "end"]
     print(f"finished: {sorted((r['replica'], r['step']) for r in ends)}")
 

@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     for fn in VERBS:
         add_verb(sub, fn)
     # Verb groups with sub-commands build their own parsers next to their code.
-    from .data.prepare import add_data_parser, cli_data
+    from .data.cli import add_data_parser, cli_data
     add_data_parser(sub).set_defaults(_run=cli_data)
     from .eval.cli import add_eval_parser, cli_eval
     add_eval_parser(sub).set_defaults(_run=cli_eval)

@@ -120,7 +120,7 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
 def cache_dtype(model: Transformer, compiled: bool = False) -> torch.dtype:
     """The KV cache's dtype: the model's, except fp32 for eager steps on CPU, where attention runs in fp32 (torch's
     bf16 attention kernel is ~9x slower) and a bf16 cache would be widened at every step. A compiled step reads a
-    bf16 cache as it is (see model.attention_by_reduction): half the bytes per token, the same values (a bf16
+    bf16 cache as it is (see attention.attention_by_reduction): half the bytes per token, the same values (a bf16
     model's keys and values are bf16 already)."""
     weight = model.norm.weight
     return torch.float32 if weight.device.type == "cpu" and not compiled else weight.dtype

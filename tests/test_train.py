@@ -147,9 +147,9 @@ def test_synthetic_batches_do_not_depend_on_the_layout():
     halves = [SyntheticTokens(512, 2, 32, rank=r, world_size=2, seed=3) for r in range(2)]
     for h in halves:
         h.load_state_dict(state)
-    assert torch.equal(torch.cat([next(h)[0] for h in halves]), next(again)[0])
+    assert torch.equal(torch.cat([next(h)[0] for h in halves]), expected[0])
     with pytest.raises(ValueError, match="whole number of batches"):
-        SyntheticTokens(512, 3, 32, seed=3).load_state_dict(state)
+        SyntheticTokens(512, 5, 32, seed=3).load_state_dict(state)  # 12 rows consumed
     with pytest.raises(ValueError, match="seed"):
         SyntheticTokens(512, 4, 32, seed=4).load_state_dict(state)
 

@@ -122,13 +122,10 @@ class Finetuning:
         return flops
 
     def describe(self, trainer: Trainer) -> str:
-        cfg, layout = self.cfg, trainer.layout
-        quant = f" ({cfg.quant.kind} base)" if cfg.method == "qlora" else ""
-        return (f"{'DPO' if self.dpo else 'SFT'} {cfg.method}{quant} of {cfg.model}: {self.trained_params / 1e6:.2f}M "
-                f"trained parameters, model tensors {self.model_gib:.2f} GiB; {self.data_summary}; "
-                f"{trainer.world_size} {trainer.device.type} process(es): dp_replicate={layout.dp_replicate} "
-                f"dp_shard={layout.dp_shard} tp={layout.tp} pp={layout.pp}, batch {cfg.training.batch_size} (micro "
-                f"{layout.micro_batch_size}, {layout.grad_accum} accumulation), {trainer.dtype} -> {trainer.run_dir}")
+        quant = f" ({self.cfg.quant.kind} base)" if self.cfg.method == "qlora" else ""
+        return (f"{'DPO' if self.dpo else 'SFT'} {self.cfg.method}{quant} of {self.cfg.model}: "
+                f"{self.trained_params / 1e6:.2f}M trained parameters, model tensors {self.model_gib:.2f} GiB; "
+                f"{self.data_summary}")
 
     def export(self, trainer: Trainer) -> Path | None:
         """Adapters to <run>/adapter (and a merged model if asked); a full fine-tune to <run>/model, in the

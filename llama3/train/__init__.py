@@ -27,5 +27,8 @@ def train(overrides: list[str] | None = None, *, config: str | None = None, repo
     trainer = Trainer(cfg, Pretraining(cfg))
     try:
         return trainer.fit()
+    except Exception as e:  # the next start's record tells this rank's error from a rank that died
+        trainer.events.set_status("failed", what=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
+        raise
     finally:
         trainer.close()

@@ -57,13 +57,9 @@ class ModelState(Stateful):
 def trained_state_dict(model: nn.Module, options: StateDictOptions | None = None) -> dict:
     options = options or StateDictOptions()
     state = get_model_state_dict(model, options=StateDictOptions(**{**vars(options), "ignore_frozen_params": True}))
-    buffers = {_clean_name(n) for n, _ in model.named_buffers()}
+    # buffer names as state dicts give them: without activation checkpointing's wrapper
+    buffers = {n.replace("_checkpoint_wrapped_module.", "") for n, _ in model.named_buffers()}
     return {k: v for k, v in state.items() if k not in buffers}
-
-
-def _clean_name(name: str) -> str:
-    """A module name as state dicts give it: without activation checkpointing's wrapper."""
-    return name.replace("_checkpoint_wrapped_module.", "")
 
 
 class OptimizerState(Stateful):
@@ -283,7 +279,7 @@ class Checkpointer:
 
     def _quarantine(self, step: int, reason: str) -> None:
         self.log(f"checkpoint {self.path(step)} is not valid ({reason}); using the previous one", event="fault",
-                 kind="corrupt_checkpoint", checkpoint=self.path(step).name)
+                 kind="corrupt_checkpoint", checkpoint=self.path(step).name, step=step)
         if is_rank0():
             os.replace(self.path(step), self.directory / f"corrupt-step-{step:08d}")
 

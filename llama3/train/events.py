@@ -11,8 +11,9 @@ is JSON-quoted) and, after `|`, a sentence for people. `report.py` reads it back
 A process that dies outright cannot say so. Every rank therefore keeps a small status file
 `<run dir>/ranks/rank-R.json` (host, step, state, time) up to date; a rank stopped by the launcher (SIGTERM) or by
 its watchdog marks itself so on the way out. When the job starts again, rank 0 reads the previous attempt's files:
-a rank still marked `running` died without a word (SIGKILL, OOM, segfault, a lost host), and the time of its last
-step is when the fault struck, so the recovery's duration runs from there to the first productive step after.
+a rank still marked `running` died without a word (SIGKILL, OOM, segfault, a lost host), one marked `failed` raised
+an error (when a rank died too, usually the broken collective it left), and the time of its last step is when
+the fault struck, so the recovery's duration runs from there to the first productive step after.
 """
 
 from __future__ import annotations
@@ -191,11 +192,15 @@ def restart_faults(events: EventLog, previous: list[dict], world_size: int) -> l
         events.fault("process_died", f"rank {s['rank']} on {s['host']} died without a word during "
                      f"{s.get('what') or 'step ' + str(s['step'])} (killed, crashed or its host lost)",
                      step=s["step"], at=s["time"], rank=s["rank"], host=s["host"])
+    failed = [s for s in previous if s["state"] == "failed"]
+    for s in failed if not died else []:  # with a dead rank, the others' errors are its echo (a broken collective)
+        events.fault("error", f"rank {s['rank']} on {s['host']} failed in step {s['step']}: {s['what']}",
+                     step=s["step"], at=s["time"], rank=s["rank"], host=s["host"])
     hung = [s for s in previous if s["state"] == "hang"]
     if hung and not died:  # the watchdog already logged the fault itself; recovery runs from the hang's start
         first = min(hung, key=lambda s: s["time"])
         events.pending.append({"kind": "hang", "step": first["step"], "at": first["time"]})
-    if not died and not hung and "stopped" in states:
+    if not died and not failed and not hung and "stopped" in states:
         first = min(previous, key=lambda s: s["time"])
         if world_size > len(previous):  # torchrun's agents stop the job to let a returning host in
             events.action("scale_up", f"the launcher stopped the job at step {first['step']} to take back a host "
@@ -203,4 +208,4 @@ def restart_faults(events: EventLog, previous: list[dict], world_size: int) -> l
         else:
             events.fault("job_stopped", "every rank was stopped from outside (SIGTERM)", step=first["step"],
                          at=first["time"], rank="all", host=first["host"])
-    return died + hung
+    return died + failed + hung

@@ -11,7 +11,7 @@ optimizer state from a live peer's memory instead of reading a checkpoint from d
     python -m llama3.train.ft lighthouse --min-replicas 1            # once, anywhere the groups can reach
     python -m llama3.train.ft replica --replica 0 --replicas 2 --lighthouse http://HOST:29510 ...   # each group
 
-One process per replica group here (FT-DDP). The batch of step k is the same global batch as the trainer's; a
+One process per replica group here (FT-DDP: the quorum's gradient average, then the optimizer step). The batch of step k is the same global batch as the trainer's; a
 replica takes block r of it, so while a replica is away its block of each step is skipped (those steps see
 fewer rows), which is the difference from a fault-free run. Every line of progress is a JSON record on stdout.
 """
@@ -37,11 +37,25 @@ def emit(**record) -> None:
     print(json.dumps({"time": round(time.time(), 4), **record}), flush=True)
 
 
+def average_gradients(manager, model) -> None:
+    """Average the gradients over the quorum in one flat all-reduce. (torchft 0.2's DistributedDataParallel fails
+    on its own assertion once a peer has died mid-step, since the manager then hands back a placeholder work;
+    the manager's all-reduce itself records the error, and the step is then not committed.)"""
+    import torch
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    manager.allreduce(flat).wait()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def run_replica(opts) -> None:
     started = time.time()
     import torch
     from torch.distributed import TCPStore
-    from torchft import DistributedDataParallel, Manager, Optimizer, ProcessGroupGloo
+    from torchft import Manager, Optimizer, ProcessGroupGloo
 
     from ..model import Transformer
     from .config import load_config
@@ -78,7 +92,6 @@ def run_replica(opts) -> None:
                       world_size=1, timeout=timeout, quorum_timeout=timedelta(seconds=60),
                       connect_timeout=timedelta(seconds=10), heartbeat_interval=timedelta(milliseconds=100),
                       hostname=opts.host)
-    ddp = DistributedDataParallel(manager, model)
     ft_optimizer = Optimizer(manager, optimizer)
     emit(event="start", replica=opts.replica, imports_s=imported - started, build_s=built - imported,
          manager_s=time.time() - built, pid=os.getpid())
@@ -91,12 +104,16 @@ def run_replica(opts) -> None:
         inputs, targets, _ = next(data)
         begin = time.perf_counter()
         ft_optimizer.zero_grad()  # starts this step's quorum
-        loss = torch.nn.functional.cross_entropy(ddp(inputs).flatten(0, 1), targets.flatten(0, 1))
+        loss = torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(0, 1))
         loss.backward()
+        average_gradients(manager, model)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         ft_optimizer.step()  # applied only if every replica in the quorum finished the step
-        committed = manager.current_step() > step
-        emit(event="step", replica=opts.replica, step=step + 1, committed=committed, loss=loss.item(),
+        after = manager.current_step()
+        committed = after > step
+        # a healing replica's step is not its own: it took its peers' state, and their step with it
+        emit(event="step", replica=opts.replica, step=after if committed else step + 1, committed=committed,
+             healed_from=step if after > step + 1 else None, loss=loss.item(),
              replicas=manager.num_participants(), step_time_s=time.perf_counter() - begin)
         if opts.kill_at and step + 1 == opts.kill_at and committed:
             emit(event="killed", replica=opts.replica, step=step + 1)

@@ -161,32 +161,28 @@ class NextTokenLoss:
 
 
 class Task(Protocol):
-    """What the loop is told by the kind of training it runs (pretrain.py, llama3/finetune/tasks.py)."""
+    """What the loop is told by the kind of training it runs (pretrain.py, llama3/finetune/tasks.py).
+
+    build_model(device, dtype): the whole model with its starting weights and its transform (LoRA, a 4-bit base)
+    applied, before parallelization. build_data(layout, dp_rank): sets train_data, an endless iterator of raw
+    micro-batches for this data-parallel rank with state_dict / load_state_dict. val_batches(): the raw
+    micro-batches of one validation, the same every time, as (raw, counts) pairs (counts False: a batch that only
+    keeps this rank in step with the others). collate(raw) -> Batch. flops_per_token(mean row length) for MFU.
+    describe(trainer) -> what is trained. export(trainer) -> where the result was written (rank 0)."""
 
     args: ModelArgs
     tokenizer: object  # shipped with the export; None for synthetic data
-    objective: NextTokenLoss  # or DPOLoss: count(batch), loss(forward, batch) -> (summed loss, summed stats)
+    objective: NextTokenLoss  # or DPOLoss: count(batch), loss(forward, batch) -> (summed loss, summed statistics)
     document_masking: bool  # attention stays inside each document of a row (the positions restart)
-    train_data: object  # endless iterator of raw micro-batches with state_dict / load_state_dict
+    train_data: object
 
     def default_run_dir(self) -> str: ...
-
-    def build_model(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        """The whole model with its starting weights and transform (LoRA, 4-bit base), before parallelization."""
-
-    def build_data(self, layout: Layout, dp_rank: int) -> None:
-        """Set train_data for this data-parallel rank."""
-
-    def val_batches(self):
-        """The raw micro-batches of one validation, the same every time: (raw, counts); counts False for a batch
-        that only keeps this rank in step with the others."""
-
+    def build_model(self, device: torch.device, dtype: torch.dtype) -> nn.Module: ...
+    def build_data(self, layout: Layout, dp_rank: int) -> None: ...
+    def val_batches(self): ...
     def collate(self, raw) -> Batch: ...
-
     def flops_per_token(self, seq_len: float) -> float: ...
-
     def describe(self, trainer: Trainer) -> str: ...
-
     def export(self, trainer: Trainer) -> Path | None: ...
 
 
@@ -406,7 +402,7 @@ class Trainer:
         """Train to training.steps; returns the per-step losses of this call."""
         cfg = self.cfg
         if self.writer is not None:
-            self.writer.print(self.task.describe(self))
+            self.writer.print(self.describe())
         if cfg.eval.at_start and cfg.eval.every >= 0 and self.step == 0:
             self.log_validation()
         reset_peak_memory(self.device)
@@ -590,6 +586,13 @@ class Trainer:
                           rank=",".join(map(str, sorted(set(bad)))))
         self.rollback(f"parameter fingerprints of data-parallel replicas differ (ranks {sorted(set(bad))})")
         return True
+
+    def describe(self) -> str:
+        layout = self.layout
+        return (f"{self.task.describe(self)}; {self.world_size} {self.device.type} process(es): dp_replicate="
+                f"{layout.dp_replicate} dp_shard={layout.dp_shard} tp={layout.tp} pp={layout.pp}, batch "
+                f"{self.cfg.training.batch_size} (micro {layout.micro_batch_size}, {layout.grad_accum} accumulation), "
+                f"{self.dtype}, peak {self.peak_flops / 1e12:.3g} TFLOP/s per device -> {self.run_dir}")
 
     def full_state_dict(self, trained_only: bool = False) -> dict[str, Tensor]:
         """The whole unsharded model (or only what trains) on rank 0; empty elsewhere. Collective."""
