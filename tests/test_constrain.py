@@ -121,7 +121,8 @@ def test_bad_constraints_are_clear_errors(bpe_tokenizer):
         Constraint(bpe_tokenizer, json_schema_grammar({"type": "object", "properties": {"a": {"type": "nope"}}}))
 
 
-@pytest.mark.parametrize("draft_seed", [0, 1])  # the target itself (all accepted) and another model (rejections)
+# The target itself as its draft (all accepted; long) and another model (rejected drafts rolled back).
+@pytest.mark.parametrize("draft_seed", [pytest.param(0, marks=pytest.mark.long), 1])
 def test_speculative_decoding_gives_the_constrained_target_output(bpe_tokenizer, draft_seed, one_thread):
     from llama3.generate import generate_tokens
     from llama3.speculative import SpeculativeDecoder
