@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -154,6 +156,7 @@ def baseline_code(rev: str) -> str:
     root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True,
                           cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     target = tempfile.mkdtemp(prefix="llama3-baseline-")
+    atexit.register(shutil.rmtree, target, ignore_errors=True)
     archive = subprocess.run(["git", "-C", root, "archive", rev, "llama3"], capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", target], input=archive, check=True)
     return target
