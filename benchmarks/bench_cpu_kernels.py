@@ -12,6 +12,7 @@ candidates are torch's kernels and our modules (llama3/quantize.py), which pick 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -58,15 +59,15 @@ def candidates(w: torch.Tensor, m: int) -> dict[str, tuple]:
     }
 
 
-def time_call(fn, copies: list[tuple], repeats: int) -> float:
+def time_call(fn, copies: list[tuple], repeats: int, clock) -> float:
     """Median seconds of one call, cycling through the weight copies."""
     fn(*copies[0])
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         for args in copies:
             fn(*args)
-        times.append((time.perf_counter() - start) / len(copies))
+        times.append((clock() - start) / len(copies))
     return statistics.median(times)
 
 
@@ -78,6 +79,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    # One thread computes on this one: its CPU time leaves out the time other processes held the core (the machines
+    # we share are loaded), which wall time cannot. More threads: wall time.
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
+    print(f"{'thread CPU' if args.threads == 1 else 'wall'} time; load average {os.getloadavg()}")
     print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, torch {torch.__version__}")
     torch.manual_seed(0)
     for model in args.models.split(","):
@@ -89,7 +94,7 @@ def main() -> None:
                 sets = [candidates(torch.randn(n, k) / k ** 0.5, m) for _ in range(n_copies)]
                 cells, ref = [], None
                 for name, (fn, _) in sets[0].items():
-                    t = time_call(fn, [s[name][1] for s in sets], args.repeats)
+                    t = time_call(fn, [s[name][1] for s in sets], args.repeats, clock)
                     ref = ref or t
                     cells.append(f"{name} {t * 1e6:.0f} ({ref / t:.2f}x)")
                 print(f"  {label} {n}x{k}: " + "; ".join(cells), flush=True)

@@ -7,7 +7,7 @@ Writes a random-weight F16 GGUF with the gguf package (cached under --dir), quan
 quantizer (llama-cpp-python) to Q8_0, Q4_K_M and Q6_K, then loads each in a fresh process, alternating: ours
 (`llama3.weights.read_checkpoint`, fp32 tensors) and the reference, the gguf package's own `GGUFReader` +
 `gguf.quants.dequantize` of every tensor into torch. Peak memory is the process's peak RSS minus its RSS before
-loading (torch and the libraries already imported), over the fp32 bytes of the weights.
+loading (torch and the libraries already imported; VmHWM - VmRSS), over the fp32 bytes of the weights.
 """
 
 from __future__ import annotations
@@ -23,13 +23,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' GGUF writer and llama.cpp quantizer
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np, torch
 from gguf import GGUFReader
 from gguf.quants import dequantize
 from llama3.weights import read_checkpoint
-def rss_mb():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+def status_mb(key):  # VmRSS now, VmHWM its peak (per address space: not inherited from the parent like ru_maxrss)
+    line = next(l for l in open("/proc/self/status") if l.startswith(key))
+    return int(line.split()[1]) / 1024
+rss_mb = lambda: status_mb("VmRSS")
 before = rss_mb()
 start = time.perf_counter()
 if sys.argv[2] == "ours":
@@ -39,7 +41,7 @@ else:
           for t in GGUFReader(sys.argv[1]).tensors}
 seconds = time.perf_counter() - start
 weights = sum(t.numel() * 4 for t in sd.values()) / 2**20
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = status_mb("VmHWM")
 print(json.dumps({"s": seconds, "peak_over_start_mb": peak - before, "fp32_mb": weights}))
 """
 

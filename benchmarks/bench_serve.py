@@ -1,14 +1,15 @@
-"""Serving throughput and latency: aggregate output tokens/s with 1, 4 and 8 concurrent streams, time to first
-token and per-token latency (p50/p95), measured against `llama3 serve` over HTTP.
+"""Serving under load, side by side with an earlier engine: aggregate output tokens/s, time to first token and
+per-token latency (p50/p95) at 1, 8, 32 and 64 concurrent streams; the second-turn TTFT of a ~2,000-token
+conversation with and without prefix caching; the running streams' inter-token gaps while a ~4,000-token prompt
+arrives, prefilled in chunks or in one pass; each server's peak RSS.
 
-    python benchmarks/bench_serve.py                      # starts a server for the default model on a free port
-    python benchmarks/bench_serve.py --url http://127.0.0.1:8000 --model NAME   # an already running server
+    python benchmarks/bench_serve.py                                   # every part, against --baseline
+    python benchmarks/bench_serve.py --parts throughput --streams 1 64 --max-tokens 32
 
-Every stream asks for exactly --max-tokens tokens (greedy, `ignore_eos`), so each level does the same work per
-stream; the streams of one level start together. The server runs in its own process so the client's work does not
-share its interpreter. Prints a markdown table and the N-stream / 1-stream throughput ratios; with --engine-alone
-also the engine's own throughput without HTTP (stepped in this process), which separates batching efficiency from
-the cost of the web side and the client on a small machine.
+Every server is `llama3 serve` in its own process (the client's work does not share its interpreter); the baseline
+is the same command run from the package as it was at --baseline (`git archive`), with that version's defaults.
+Streams ask for exactly --max-tokens tokens (greedy, `ignore_eos`) and start together; the two engines of a part
+run alternately, level by level, so both see the same machine load. Prints markdown tables and the ratios.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -50,13 +52,14 @@ class StreamResult:
         return (self.finished - self.first_token) / max(self.tokens - 1, 1)
 
 
-async def one_stream(client: httpx.AsyncClient, model: str, i: int, max_tokens: int) -> StreamResult:
+async def one_stream(client: httpx.AsyncClient, model: str, i: int, max_tokens: int,
+                     result: StreamResult | None = None) -> StreamResult:
     # Plain httpx and json rather than the openai client: on a small machine the client's own parsing would
     # compete with the server for the same cores and blur the measurement.
     body = {"model": model, "messages": [{"role": "user", "content": poem_request(i)}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
             "ignore_eos": True}
-    result = StreamResult(started=time.perf_counter())
+    result = result or StreamResult(started=time.perf_counter())
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
@@ -95,32 +98,15 @@ async def run_level(url: str, model: str, streams: int, max_tokens: int) -> dict
             "itl_p50_ms": 1000 * percentile(gaps, 0.5), "itl_p95_ms": 1000 * percentile(gaps, 0.95)}
 
 
-def engine_alone(model: str, streams: list[int], max_tokens: int) -> dict[int, float]:
-    """Output tokens/s of the batching engine stepped on this thread, without HTTP: what the server could reach if
-    its web side cost nothing."""
-    import llama3
-    from llama3.serve.engine import Engine, Request
-    llm = llama3.load(model, prepack=True)  # as `llama3 serve` loads it
-    results = {}
-    for n in [1, *streams]:  # the first round warms up
-        engine = Engine(llm.model, llm.tokenizer, max_batch=max(streams), max_context=2048)
-        requests = [Request(llm.encode_chat([{"role": "user", "content": poem_request(i)}]), max_tokens=max_tokens,
-                            ignore_eos=True, emit=lambda out: None) for i in range(n)]
-        start = time.perf_counter()
-        engine.submit(requests)
-        while not all(r.finished for r in requests):
-            engine.step()
-        results[n] = n * max_tokens / (time.perf_counter() - start)
-    return results
-
-
-def start_server(model: str, max_batch: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, args: list[str], code: str | None = None) -> tuple[subprocess.Popen, str]:
+    """`llama3 serve` in its own process on a free port; `code`: a directory holding another version's package."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "llama3.cli", "serve", "--model", model, "--port", str(port),
-           "--max-batch", str(max_batch), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "PYTHONPATH": code} if code else None
+    cmd = [sys.executable, "-m", "llama3.cli", "serve", "--model", model, "--port", str(port), *args]
+    # In `code`'s directory: `python -m` puts the working directory first on the import path.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=code)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -136,63 +122,180 @@ def start_server(model: str, max_batch: int, extra: list[str]) -> tuple[subproce
     raise SystemExit("the server did not start within 10 minutes")
 
 
+def peak_rss_mib(proc: subprocess.Popen) -> float:
+    with open(f"/proc/{proc.pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+class Servers:
+    """Several servers at once, stopped together; remembers each one's peak resident memory."""
+
+    def __init__(self):
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.peak_rss: dict[str, float] = {}
+
+    def start(self, name: str, model: str, args: list[str], code: str | None = None) -> str:
+        proc, url = start_server(model, args, code)
+        self.procs[name] = proc
+        engine = httpx.get(url + "/metrics", timeout=10).text
+        assert ("llama3_kv_cache_blocks" in engine) == (code is None), "the server runs the wrong version"
+        return url
+
+    def stop(self) -> None:
+        for name, proc in self.procs.items():
+            self.peak_rss[name] = max(self.peak_rss.get(name, 0.0), peak_rss_mib(proc))
+            proc.terminate()
+            proc.wait(timeout=30)
+        self.procs = {}
+
+
+def baseline_code(rev: str) -> str:
+    """The package as it was at `rev`, unpacked into a temporary directory (to serve with the engine of then)."""
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    target = tempfile.mkdtemp(prefix="llama3-baseline-")
+    archive = subprocess.run(["git", "-C", root, "archive", rev, "llama3"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", target], input=archive, check=True)
+    return target
+
+
+def long_text(words: int, seed: int) -> str:
+    """Varied prose-like text of `words` words (one token each for the default model), different for every seed."""
+    vocab = ("river stone light market window garden signal winter harbour lantern paper mountain orchard copper "
+             "engine meadow violin bridge candle forest silver question morning letter island thunder").split()
+    return " ".join(vocab[(seed * 7919 + i * i * 31 + i) % len(vocab)] for i in range(words))
+
+
+async def timed_chat(client: httpx.AsyncClient, model: str, messages: list[dict], max_tokens: int) -> tuple[float, str]:
+    """(time to first token, reply) of one streamed greedy chat request: the first token is the first event with
+    text or a finish reason (a first token may hold no text yet: part of a character, or the end of the turn)."""
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    started, first, text = time.perf_counter(), 0.0, ""
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                delta = choice["delta"].get("content") or ""
+                first = first or (time.perf_counter() if delta or choice.get("finish_reason") else 0.0)
+                text += delta
+    return first - started, text
+
+
+async def second_turn_ttft(url: str, model: str, seed: int, words: int) -> float:
+    """TTFT of the second turn of a conversation whose first user message has `words` words."""
+    async with httpx.AsyncClient(base_url=url, timeout=3600) as client:
+        messages = [{"role": "user", "content": long_text(words, seed) + "\n\nSummarise this in one line."}]
+        _, reply = await timed_chat(client, model, messages, 24)
+        messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "Now in French."}]
+        ttft, _ = await timed_chat(client, model, messages, 2)
+    return ttft
+
+
+async def decode_during_long_prompt(url: str, model: str, streams: int, prompt_words: int) -> dict:
+    """Inter-token gaps of `streams` running streams while one long prompt is prefilled, and that prompt's TTFT."""
+    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=httpx.Limits(max_connections=streams + 1)) as c:
+        results = [StreamResult(started=time.perf_counter()) for _ in range(streams)]
+        running = [asyncio.create_task(one_stream(c, model, i, 4000, r)) for i, r in enumerate(results)]
+        await asyncio.sleep(3)  # all streams decoding
+        started = time.perf_counter()
+        ttft, _ = await timed_chat(c, model, [{"role": "user", "content": long_text(prompt_words, 99)}], 1)
+        ended = time.perf_counter()
+        await asyncio.sleep(1)
+        for task in running:  # the streams have shown what they had to: hang up (the server cancels them)
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+    # Every gap that overlaps the long prompt's prefill, the one that spans all of it included.
+    gaps = [b - a for r in results for a, b in zip(r.chunk_times, r.chunk_times[1:]) if a < ended and b > started]
+    return {"long_ttft_s": ttft, "gap_p50_ms": 1000 * percentile(gaps, 0.5),
+            "gap_p95_ms": 1000 * percentile(gaps, 0.95), "gap_max_ms": 1000 * max(gaps)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--url", help="benchmark this running server instead of starting one")
-    parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--threads", type=int, help="CPU threads for the model (server and engine alone)")
-    parser.add_argument("--engine-alone", action="store_true",
-                        help="also measure the engine without HTTP, stepped in this process")
-    parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
-                        help="extra `llama3 serve` options, e.g. --server-args --max-context 2048")
+    parser.add_argument("--baseline", default="b6d52a4",
+                        help="git revision whose engine to compare against (its `llama3 serve` with its defaults)")
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for the model in each server")
+    parser.add_argument("--context", type=int, default=2048, help="--max-context of the throughput servers")
+    parser.add_argument("--conversation-words", type=int, default=2000,
+                        help="first turn's words (one token each with the default model's tokenizer)")
+    parser.add_argument("--long-prompt-words", type=int, default=4000, help="the arriving prompt's words (tokens)")
+    parser.add_argument("--parts", nargs="+", default=["throughput", "prefix", "chunked"])
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
-    if args.threads:
-        args.server_args += ["--threads", str(args.threads)]
-    proc = None
-    url = args.url
-    if url is None:
-        proc, url = start_server(args.model, max(args.streams), args.server_args)
+    import torch
+    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cpus, load average "
+          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}; model {args.model}, {args.threads} thread(s) per "
+          f"server; baseline: the engine at {args.baseline}\n")
+    common = ["--threads", str(args.threads)]
+    servers, out = Servers(), {}
     try:
-        asyncio.run(run_level(url, args.model, 1, 8))  # warm-up: first-call allocations, page faults
-        rows = [asyncio.run(run_level(url, args.model, n, args.max_tokens)) for n in args.streams]
+        if "throughput" in args.parts:
+            ctx = ["--max-context", str(args.context), *common]
+            urls = {"ours": servers.start("ours", args.model, ctx),
+                    "baseline": servers.start("baseline", args.model, ctx, baseline_code(args.baseline))}
+            for url in urls.values():
+                asyncio.run(run_level(url, args.model, 1, 8))  # warm-up: first-call allocations, page faults
+            rows = {name: [] for name in urls}
+            for n in args.streams:  # alternating, level by level, so both see the same machine load
+                for name, url in urls.items():
+                    rows[name].append(asyncio.run(run_level(url, args.model, n, args.max_tokens)))
+            servers.stop()
+            out["throughput"] = rows
+            print(f"{args.max_tokens} tokens per stream, --max-context {args.context}, each engine's default "
+                  f"--max-batch\n")
+            print("| streams | engine | output tok/s | TTFT p50 / p95 (ms) | per-token p50 / p95 (ms) |")
+            print("|---|---|---|---|---|")
+            for i, n in enumerate(args.streams):
+                for name in urls:
+                    r = rows[name][i]
+                    print(f"| {n} | {name} | {r['tok_per_s']:.1f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p95_ms']:.0f} "
+                          f"| {r['tpot_p50_ms']:.1f} / {r['tpot_p95_ms']:.1f} |")
+            for i, n in enumerate(args.streams):
+                ours, base = rows["ours"][i], rows["baseline"][i]
+                print(f"\n{n} streams, ours / baseline: throughput {ours['tok_per_s'] / base['tok_per_s']:.2f}x, "
+                      f"p95 TTFT {ours['ttft_p95_ms'] / base['ttft_p95_ms']:.2f}x", end="")
+            print("\n")
+        if "prefix" in args.parts:
+            urls = {"prefix cache": servers.start("prefix cache", args.model, ["--max-context", "4096", *common]),
+                    "no prefix cache": servers.start("no prefix cache", args.model,
+                                                     ["--max-context", "4096", "--no-prefix-caching", *common])}
+            ttfts = {name: [] for name in urls}
+            for seed in range(3):
+                for name, url in urls.items():
+                    ttfts[name].append(asyncio.run(second_turn_ttft(url, args.model, seed, args.conversation_words)))
+            servers.stop()
+            med = {name: sorted(v)[1] for name, v in ttfts.items()}
+            out["prefix"] = ttfts
+            print(f"second-turn TTFT of a conversation of ~{args.conversation_words} words, median of 3: "
+                  f"{med['prefix cache'] * 1000:.0f} ms with prefix caching, {med['no prefix cache'] * 1000:.0f} ms "
+                  f"without: {med['no prefix cache'] / med['prefix cache']:.1f}x\n")
+        if "chunked" in args.parts:
+            ctx = ["--max-context", "6144", *common]
+            results = {}
+            for name, chunk in (("chunked (256)", "256"), ("one pass", "6144")):
+                url = servers.start(name, args.model, [*ctx, "--prefill-chunk", chunk])
+                results[name] = asyncio.run(decode_during_long_prompt(url, args.model, 8, args.long_prompt_words))
+                servers.stop()
+            out["chunked"] = results
+            print(f"8 streams decoding while a prompt of ~{args.long_prompt_words} words arrives:\n")
+            print("| prefill | running streams' inter-token gap p50 / p95 / max (ms) | long prompt TTFT (s) |")
+            print("|---|---|---|")
+            for name, r in results.items():
+                print(f"| {name} | {r['gap_p50_ms']:.0f} / {r['gap_p95_ms']:.0f} / {r['gap_max_ms']:.0f} "
+                      f"| {r['long_ttft_s']:.1f} |")
+            print()
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
-    alone = {}
-    if args.engine_alone:
-        if args.threads:
-            import torch
-            torch.set_num_threads(args.threads)
-        alone = engine_alone(args.model, args.streams, args.max_tokens)
-
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"model {args.model}, {args.max_tokens} tokens per stream, server options: "
-          f"{' '.join(args.server_args) or 'defaults'}, {os.cpu_count()} cpus, load average {load}\n")
-    print("| streams | output tok/s | TTFT p50 / p95 (ms) | per-token p50 / p95 (ms) | inter-chunk p50 / p95 (ms) "
-          "| engine alone tok/s |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        r["engine_alone_tok_per_s"] = alone.get(r["streams"])
-        engine = f"{alone[r['streams']]:.1f}" if alone else "-"
-        print(f"| {r['streams']} | {r['tok_per_s']:.1f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p95_ms']:.0f} "
-              f"| {r['tpot_p50_ms']:.1f} / {r['tpot_p95_ms']:.1f} | {r['itl_p50_ms']:.1f} / {r['itl_p95_ms']:.1f} "
-              f"| {engine} |")
-    base = next((r for r in rows if r["streams"] == 1), None)
-    if base:
-        for r in rows:
-            if r["streams"] > 1:
-                print(f"\n{r['streams']} streams / 1 stream: {r['tok_per_s'] / base['tok_per_s']:.2f}x", end="")
-                if alone:
-                    print(f" (engine alone: {alone[r['streams']] / alone[1]:.2f}x)", end="")
-        print()
+        servers.stop()
+    out["peak_rss_mib"] = servers.peak_rss
+    print("peak RSS (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in servers.peak_rss.items()))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump(out, f, indent=2)
 
 
 if __name__ == "__main__":

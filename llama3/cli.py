@@ -49,7 +49,7 @@ def generate(prompt: str, *, model: str = DEFAULT_MODEL, max_new_tokens: int = 2
 def chat(*, model: str = DEFAULT_MODEL, system: str | None = None, temperature: float = 0.0, top_p: float = 1.0,
          max_new_tokens: int = 512, seed: int | None = None, dtype: str | None = None,
          quantize: Literal["int8", "int4"] | None = None, adapter: str | None = None,
-         compile: bool = False) -> None:
+         compile: bool = False, json_schema: str | None = None) -> None:
     """Chat with a model. Type /reset to start over, /exit to quit. With stdin not a terminal, each input line is one
     user message and each reply is printed on its own line.
 
@@ -64,7 +64,15 @@ def chat(*, model: str = DEFAULT_MODEL, system: str | None = None, temperature: 
         quantize: quantize the weights while loading (weight-only int8 or 4-bit)
         adapter: a LoRA adapter directory (from llama3 finetune) merged into the model
         compile: compile the decoding step with torch.compile (tens of seconds once, then faster tokens)
+        json_schema: a JSON schema file: every reply is JSON valid under it (constrained decoding)
     """
+    schema = None
+    if json_schema is not None:
+        import json
+        try:
+            schema = json.loads(Path(json_schema).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot read the JSON schema {json_schema}: {e}") from None
     llm = load_for_inference(model, dtype, quantize, adapter, compile)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -93,7 +101,7 @@ def chat(*, model: str = DEFAULT_MODEL, system: str | None = None, temperature: 
         reply = ""
         try:
             for delta in llm.stream_chat(messages, max_new_tokens=max_new_tokens, temperature=temperature,
-                                         top_p=top_p, seed=seed):
+                                         top_p=top_p, seed=seed, json_schema=schema):
                 print(delta, end="", flush=True)
                 reply += delta
         except KeyboardInterrupt:  # stop this reply, keep the conversation
@@ -163,7 +171,25 @@ def convert(src: str, dst: str, *, to: Literal["hf", "meta"], shards: int = 1, d
     print(dst)
 
 
-VERBS = [generate, chat, pull, models, convert, quantize, bench, serve, train, finetune]
+def merge(adapter: str, *, out: str, model: str | None = None, to: Literal["hf", "meta"] = "hf", shards: int = 1,
+          dtype: str | None = None) -> None:
+    """Fold a LoRA or QLoRA adapter saved by `llama3 finetune` into its base model and write the merged model
+    (tokenizer and chat template included): what `llama3 chat`, `llama3 convert`, `llama3 quantize` and Hugging Face
+    transformers read.
+
+    Args:
+        adapter: the adapter directory (RUN/adapter)
+        out: output directory
+        model: the base model (default: the one the adapter was trained on, from its adapter_config.json)
+        to: output layout
+        shards: number of model-parallel shards (Meta layout only)
+        dtype: cast the merged weights (e.g. bfloat16); default keeps the base's
+    """
+    from .finetune.lora import merge_adapter
+    print(merge_adapter(adapter, out, base=model, to=to, shards=shards, dtype=dtype))
+
+
+VERBS = [generate, chat, pull, models, convert, quantize, bench, serve, train, finetune, merge]
 
 
 # ---- parser generation -------------------------------------------------------------------------------------------
@@ -223,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     for fn in VERBS:
         add_verb(sub, fn)
     # Verb groups with sub-commands build their own parsers next to their code.
-    from .data.prepare import add_data_parser, cli_data
+    from .data.cli import add_data_parser, cli_data
     add_data_parser(sub).set_defaults(_run=cli_data)
     from .eval.cli import add_eval_parser, cli_eval
     add_eval_parser(sub).set_defaults(_run=cli_eval)

@@ -3,6 +3,7 @@ text that never splits a multi-byte character or shows part of a stop string."""
 
 from __future__ import annotations
 
+import math
 import time
 import types
 from collections.abc import Iterable, Iterator
@@ -20,6 +21,11 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 means no top-k cut
     seed: int | None = None
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one (before temperature)
+    frequency_penalty: float = 0.0  # OpenAI's: logit -= count * frequency_penalty for tokens generated so far
+    presence_penalty: float = 0.0  # OpenAI's: logit -= presence_penalty for tokens generated at least once
+    repeat_penalty: float = 1.0  # llama.cpp's: the last REPEAT_LAST_N generated tokens' logits divided (if > 0) or
+    # multiplied (if < 0) by it
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -28,6 +34,53 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repeat_penalty <= 0:
+            raise ValueError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+
+    @property
+    def penalizes(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty or self.repeat_penalty != 1)
+
+
+REPEAT_LAST_N = 64  # llama.cpp's default window for repeat_penalty
+
+
+def adjust_logits(logits: Tensor, params: SamplingParams, generated: list[int], constraint=None) -> Tensor:
+    """One row of logits (V,) -> the logits sampling sees: repetition penalties over the tokens generated so far,
+    then the constraint's grammar mask (llama3/constrain.py). Returns a new tensor when it changes anything."""
+    out = logits
+    if params.penalizes and generated:
+        out = logits.float().clone()
+        ids, counts = torch.tensor(generated, device=out.device).unique(return_counts=True)
+        out[ids] -= counts.to(out.dtype) * params.frequency_penalty + params.presence_penalty
+        if params.repeat_penalty != 1:
+            recent = torch.tensor(generated[-REPEAT_LAST_N:], device=out.device).unique()
+            values = out[recent]
+            out[recent] = torch.where(values > 0, values / params.repeat_penalty, values * params.repeat_penalty)
+    if constraint is not None and constraint.active:
+        if out is logits:
+            out = logits.float().clone()
+        constraint.mask_(out)
+    return out
+
+
+@dataclass
+class TokenLogprob:
+    """A generated (or prompt) token's log-probability under the model, and the most likely alternatives."""
+
+    token: int
+    logprob: float | None  # None for a prompt's first token: nothing predicts it
+    top: list[tuple[int, float]]  # (token, logprob), most likely first
+
+
+def token_logprobs(logprobs: Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """logprobs (T, V) (a log_softmax) and the token chosen at each row -> one TokenLogprob per row."""
+    chosen = logprobs.gather(-1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    best = logprobs.topk(top, dim=-1) if top else None
+    return [TokenLogprob(t, lp, list(zip(best.indices[i].tolist(), best.values[i].tolist())) if top else [])
+            for i, (t, lp) in enumerate(zip(tokens, chosen))]
 
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
@@ -39,7 +92,11 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
 
 def sampling_probs(logits: Tensor, params: SamplingParams) -> Tensor:
     """logits (B, V) -> the distribution sampling draws from: temperature, then top-k, then top-p (temperature > 0)."""
-    logits = logits.float() / params.temperature
+    logits = logits.float()
+    if params.min_p:  # p < min_p * p_max  <=>  logit < max logit + log(min_p)
+        floor = logits.max(dim=-1, keepdim=True).values + math.log(params.min_p)
+        logits = logits.masked_fill(logits < floor, float("-inf"))
+    logits = logits / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -63,7 +120,7 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
 def cache_dtype(model: Transformer, compiled: bool = False) -> torch.dtype:
     """The KV cache's dtype: the model's, except fp32 for eager steps on CPU, where attention runs in fp32 (torch's
     bf16 attention kernel is ~9x slower) and a bf16 cache would be widened at every step. A compiled step reads a
-    bf16 cache as it is (see model.attention_by_reduction): half the bytes per token, the same values (a bf16
+    bf16 cache as it is (see attention.attention_by_reduction): half the bytes per token, the same values (a bf16
     model's keys and values are bf16 already)."""
     weight = model.norm.weight
     return torch.float32 if weight.device.type == "cpu" and not compiled else weight.dtype
@@ -146,9 +203,11 @@ def _decode(model: Transformer, tokens: Tensor, positions: Tensor, cache: KVCach
 @torch.inference_mode()
 def generate_tokens(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int,
                     params: SamplingParams = SamplingParams(), stop_ids: Iterable[int] = (),
-                    max_seq_len: int | None = None, step: DecodeStep | None = None) -> Iterator[list[int | None]]:
+                    max_seq_len: int | None = None, step: DecodeStep | None = None,
+                    constraints: list | None = None) -> Iterator[list[int | None]]:
     """Yield one step at a time: the new token of each prompt, or None once that prompt has stopped.
-    `step` runs the decoding steps (default: an uncompiled DecodeStep).
+    `step` runs the decoding steps (default: an uncompiled DecodeStep); `constraints` holds each prompt's grammar
+    (llama3/constrain.py Constraint, or None for a free row).
 
     Prompts are right-padded into one batch; each row keeps its own positions, so a row's result is the same as
     running it alone. Pad slots in the cache lie past the row's position and are overwritten before they are seen.
@@ -172,9 +231,15 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], *, max_new_tok
     stop = set(stop_ids)
     done = [False] * B
     for i in range(max_new_tokens):
+        for row, constraint in enumerate(constraints or ()):
+            if constraint is not None and not done[row]:
+                logits[row] = adjust_logits(logits[row], params, [], constraint)
         next_tokens = sample(logits, params, generator)
         ids = next_tokens.tolist()
         yield [None if d else t for d, t in zip(done, ids)]
+        for row, constraint in enumerate(constraints or ()):
+            if constraint is not None and not done[row] and ids[row] not in stop:
+                constraint.accept(ids[row])
         done = [d or t in stop for d, t in zip(done, ids)]
         if all(done) or i == max_new_tokens - 1:
             return

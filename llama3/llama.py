@@ -54,21 +54,50 @@ class Llama:
     def encode_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, bos=getattr(self.tokenizer, "add_bos", True))
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """OpenAI-style messages (tool calls and "tool" results included) -> prompt ids; `tools` are OpenAI function
+        definitions the model may call (llama3/tools.py)."""
         if self.chat_format is None:
             raise ValueError(f"{self.name or 'this model'} has no chat format (no chat template in the checkpoint)")
-        return self.chat_format.encode_dialog_prompt(messages)
+        return self.chat_format.encode_dialog_prompt(messages, tools=tools)
+
+    @torch.inference_mode()
+    def embed(self, inputs: list[str | list[int]], normalize: bool = True) -> list[list[float]]:
+        """One vector per text (or token ids): the mean over its tokens of the last layer's normalised hidden
+        states (llama-server's `--pooling mean`), scaled to unit length unless normalize=False."""
+        vectors = []
+        for item in inputs:
+            ids = self.encode_prompt(item) if isinstance(item, str) else list(item)
+            captured = []
+            hook = self.model.layers[-1].register_forward_hook(lambda module, args, out: captured.append(out))
+            try:  # logits for one position only: the hidden states are what is wanted
+                self.model(torch.tensor([ids], device=self.model.norm.weight.device), logits_index=torch.tensor([0]))
+            finally:
+                hook.remove()
+            vector = self.model.norm(captured[0][0]).float().mean(dim=0)  # (dim,)
+            if normalize:
+                vector = torch.nn.functional.normalize(vector, dim=0)
+            vectors.append(vector.tolist())
+        return vectors
 
     def stream_batch(self, prompt_ids: list[list[int]], *, max_new_tokens: int = 256, temperature: float = 0.0,
                      top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                     stop: list[str] | str | None = None) -> Iterator[list[str]]:
-        """Decode prompts together; yield each prompt's new text (maybe empty) after every step."""
+                     stop: list[str] | str | None = None, json_schema: dict | str | None = None,
+                     regex: str | None = None, grammar: str | None = None) -> Iterator[list[str]]:
+        """Decode prompts together; yield each prompt's new text (maybe empty) after every step. `json_schema`,
+        `regex` or `grammar` (Lark, as llguidance reads it) constrains every prompt's output (llama3/constrain.py)."""
         stops = [stop] if isinstance(stop, str) else stop or ()
         streams = [TextStream(self.tokenizer, stops) for _ in prompt_ids]
         finished = [False] * len(prompt_ids)
         params = SamplingParams(temperature, top_p, top_k, seed)
+        constraints = None
+        if json_schema is not None or regex is not None or grammar is not None:
+            from .constrain import Constraint, grammar_for
+            compiled = grammar_for(json_schema=json_schema, regex=regex, grammar=grammar)
+            constraints = [Constraint(self.tokenizer, compiled) for _ in prompt_ids]
         for step in generate_tokens(self.model, prompt_ids, max_new_tokens=max_new_tokens, params=params,
-                                    stop_ids=self.tokenizer.stop_ids, step=self.decode_step):
+                                    stop_ids=self.tokenizer.stop_ids, step=self.decode_step,
+                                    constraints=constraints):
             deltas = [""] * len(prompt_ids)
             for i, token in enumerate(step):
                 if token is None or finished[i]:
@@ -97,7 +126,8 @@ class Llama:
 
     def generate(self, prompts: str | list[str], **kwargs) -> str | list[str]:
         """Raw completions; a list of prompts is decoded together as one batch. Keyword arguments: max_new_tokens,
-        temperature (0 = greedy), top_p, top_k, seed, stop (a string or list of strings)."""
+        temperature (0 = greedy), top_p, top_k, seed, stop (a string or list of strings), and one constraint on
+        the output: json_schema (a dict or JSON text), regex, or grammar (Lark)."""
         single = isinstance(prompts, str)
         texts = self.complete_ids([self.encode_prompt(p) for p in ([prompts] if single else prompts)], **kwargs)
         return texts[0] if single else texts

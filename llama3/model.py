@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .args import ModelArgs
+from .attention import attention
 
 
 class RMSNorm(nn.Module):
@@ -124,36 +125,8 @@ class Attention(nn.Module):
             cached_k, cached_v = cache.update(self.layer_id, k, v, positions, kv_len)
             if mask is not None:  # attend to earlier cached positions too (a prompt from an empty cache has none)
                 k, v = cached_k, cached_v  # (B, kv_len, n_kv_heads, head_dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first for attention
-        decoding = cache is not None and mask is not None and T <= 8
-        if decoding and x.device.type == "cpu" and torch.compiler.is_compiling():
-            out = attention_by_reduction(q, k, v, mask)
-        else:
-            if x.device.type == "cpu":  # torch's bf16 attention kernel is ~9x slower than its fp32 one on CPU
-                q, k, v = q.float(), k.float(), v.float()
-            else:
-                q = q.to(k.dtype)  # attention runs in the cache's dtype
-            if T > 1:  # the CPU attention kernel runs ~1.5x faster on contiguous heads: worth a copy for a prompt
-                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
-
-
-def attention_by_reduction(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Attention of a few queries over a cache, written as the sums it is: q (B, H, T, hd), k/v (B, n_kv_heads, S,
-    hd), boolean mask (B, 1, T, S) -> (B, H, T, hd) in fp32.
-
-    For torch.compile on CPU in decoding: inductor turns these into loops that read each cached key and value once,
-    widening bf16 to fp32 on the fly, where the attention kernel is an opaque call that costs more than reading
-    the cache for one query (and ~9x more still with a bf16 cache). In eager mode it would materialise the
-    products; the model uses it only when compiling."""
-    B, H, T, hd = q.shape
-    n_kv = k.shape[1]
-    q = q.float().view(B, n_kv, H // n_kv, T, 1, hd)  # query heads grouped under the key/value head they share
-    scores = (q * k.float()[:, :, None, None]).sum(-1) * hd ** -0.5  # (B, n_kv, H/n_kv, T, S)
-    probs = torch.softmax(scores.masked_fill(~mask[:, None], float("-inf")), dim=-1)
-    out = (probs[..., None] * v.float()[:, :, None, None]).sum(-2)  # (B, n_kv, H/n_kv, T, hd)
-    return out.view(B, H, T, hd)
+        out = attention(q, k, v, mask, over_cache=cache is not None and mask is not None)  # (B, T, n_heads, hd)
+        return self.wo(out.reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):

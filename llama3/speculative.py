@@ -74,8 +74,11 @@ class SpeculativeDecoder:
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], *, max_new_tokens: int, params: SamplingParams = SamplingParams(),
-                 stop_ids: Iterable[int] = ()) -> Iterator[int]:
-        """Yield new tokens as they are settled (several per target pass); stops after a stop id."""
+                 stop_ids: Iterable[int] = (), constraint=None) -> Iterator[int]:
+        """Yield new tokens as they are settled (several per target pass); stops after a stop id. `constraint`
+        (llama3/constrain.py) masks the draft's and the target's logits alike: the draft proposes only tokens the
+        grammar allows, and each of the target's k + 1 positions is masked with the grammar's state after the drafts
+        before it (the grammar rolls back what the target rejects), so the output is the constrained target's."""
         context = min(self.target.args.max_seq_len, self.draft.args.max_seq_len)
         check_prompt_lengths([prompt], context)
         max_new_tokens = min(max_new_tokens, context - len(prompt))
@@ -103,7 +106,21 @@ class SpeculativeDecoder:
                 return step.model(ids, positions, cache)[0]
             return step(ids, positions, cache, kv_len=start + len(tokens))[0]
 
+        def masked(logits: Tensor) -> Tensor:
+            return logits if constraint is None else constraint.mask_(logits.float().clone())
+
+        def advance(tokens: list[int]) -> int:
+            """Move the grammar over tokens (up to a stop id); how many it took, for a rollback."""
+            taken = 0
+            for t in tokens:
+                if constraint is None or t in stop:
+                    break
+                constraint.accept(t)
+                taken += 1
+            return taken
+
         def pick(logits: Tensor) -> tuple[int, Tensor | None]:
+            logits = masked(logits)
             if greedy:
                 return int(logits.argmax()), None
             probs = sampling_probs(logits[None], params)[0]
@@ -112,6 +129,7 @@ class SpeculativeDecoder:
         # The prompt through the target gives the first token; a separate draft cache catches up on the first round.
         last = torch.tensor([len(prompt) - 1], device=device)
         first, _ = pick(self.target(torch.tensor([prompt], device=device), cache=target_cache, logits_index=last)[0, -1])
+        advance([first])
         seq = list(prompt) + [first]
         target_len, draft_len = len(prompt), len(prompt) if shared else 0  # positions each cache holds
         emitted = 0
@@ -125,20 +143,32 @@ class SpeculativeDecoder:
             # Draft k tokens; its first call also feeds whatever it has not seen yet.
             drafted, draft_probs = [], []
             logits = run(self.draft_step, draft_cache, seq[draft_len:], draft_len)[-1]
+            drafts_taken = 0
             for j in range(self.k):
                 token, probs = pick(logits)
                 drafted.append(token)
                 draft_probs.append(probs)
+                drafts_taken += advance([token]) if drafts_taken == j else 0
                 if j < self.k - 1:
                     logits = run(self.draft_step, draft_cache, [token], len(seq) + j)[-1]
             # The target scores its last token and all drafts in one pass: k + 1 positions.
             target_logits = run(self.target_step, target_cache, seq[target_len:] + drafted, target_len)
+            if constraint is not None:  # position j is masked with the grammar after drafts 0..j-1
+                constraint.rollback(drafts_taken)
+                target_logits = target_logits.float().clone()
+                taken = 0
+                for j in range(self.k + 1):
+                    if taken == j:
+                        constraint.mask_(target_logits[j])
+                        taken += advance(drafted[j:j + 1]) if j < self.k else 0
+                constraint.rollback(taken)
             if greedy:
                 settled = accept_greedy(target_logits, drafted)
             else:
                 target_probs = sampling_probs(target_logits, params)
                 settled = accept_drafts(target_probs, torch.stack(draft_probs), drafted, generator)
             m = len(settled) - 1  # drafted tokens accepted
+            advance(settled)
             self.proposed += self.k
             self.accepted += m
             # Cache entries past the accepted tokens are stale; they sit at positions that get rewritten.

@@ -20,15 +20,19 @@ import json
 import re
 from collections.abc import Collection, Sequence
 from collections.abc import Set as AbstractSet
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Literal
 
 import jinja2
+import jinja2.meta
 import numpy as np
 import tiktoken
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .tools import (BUILTIN_TOOLS, PYTHON_TAG, call_arguments, generic_tool_messages, llama31_call_text,
+                    llama31_system_prompt, llama31_tools_message, tool_function)
 
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -438,7 +442,12 @@ class ChatFormat:
     """Meta's Llama 3 dialog encoding:
     `<|begin_of_text|>` + per message `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>`,
     then an open assistant header for the model to complete. Content is encoded as given, as Meta's
-    `llama_models` does (Hugging Face's template strips it)."""
+    `llama_models` does (Hugging Face's template strips it).
+
+    With tools (OpenAI function definitions), Llama 3.1's tool format (llama3/tools.py): the system prompt names
+    the environment and built-in tools, custom tools go into the first user message, an assistant message with
+    tool calls carries them as the model writes them and ends in `<|eom_id|>`, and "tool" messages are sent as
+    `ipython`. The ids equal those of Meta's ChatFormat for the same messages."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
@@ -451,21 +460,49 @@ class ChatFormat:
         return [self.start_header_id, *role_ids, self.end_header_id, *self.tokenizer.encode("\n\n")]
 
     def encode_message(self, message: dict) -> list[int]:
-        content = message["content"]
+        content = message.get("content") or ""
         if not isinstance(content, str):
             raise TokenizerError(f"message content must be a string, got {type(content).__name__}")
-        return self.encode_header(message) + self.tokenizer.encode(content) + [self.tokenizer.eot_id]
+        calls = message.get("tool_calls") or [] if message["role"] == "assistant" else []
+        ids = self.encode_header(message)
+        if calls and calls[0]["function"]["name"] == "code_interpreter":
+            ids.append(self.tokenizer.special_tokens[PYTHON_TAG])
+        ids += self.tokenizer.encode(content)
+        for call in calls:  # Meta's encoder writes several calls one after the other
+            ids += self.tokenizer.encode(llama31_call_text(call))
+        return ids + [self.tokenizer.eom_id if calls else self.tokenizer.eot_id]  # eom: the calls were pending
 
-    def encode_dialog_prompt(self, messages: Sequence[dict]) -> list[int]:
+    def encode_dialog_prompt(self, messages: Sequence[dict], tools: Sequence[dict] | None = None,
+                             today: date | None = None) -> list[int]:
+        """`today` dates a tool-using system prompt (default: today)."""
+        if tools:
+            messages = self.with_tools(messages, tools, today)
         ids = [self.tokenizer.bos_id]
         for message in messages:
             ids += self.encode_message(message)
         return ids + self.encode_header({"role": "assistant"})
 
+    @staticmethod
+    def with_tools(messages: Sequence[dict], tool_list: Sequence[dict], today: date | None = None) -> list[dict]:
+        """The dialog with Llama 3.1's tool prompts put in: the system prompt and the first user message."""
+        messages = list(messages)
+        system = messages.pop(0)["content"] if messages and messages[0]["role"] == "system" else None
+        messages.insert(0, {"role": "system", "content": llama31_system_prompt(system, list(tool_list), today)})
+        custom = [t for t in tool_list if tool_function(t)["name"] not in BUILTIN_TOOLS]
+        first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+        if custom and first_user is not None:
+            m = messages[first_user]
+            messages[first_user] = {**m, "content": llama31_tools_message(custom, m.get("content") or "")}
+        return messages
+
 
 class TemplateChatFormat:
     """A Jinja chat template (as shipped in GGUF metadata or tokenizer_config.json), rendered with the settings
-    Hugging Face transformers uses, then encoded with special tokens allowed."""
+    Hugging Face transformers uses, then encoded with special tokens allowed.
+
+    Tools go to the template as `tools` and earlier calls' arguments as dicts, as transformers'
+    `apply_chat_template` passes them; a template that never mentions `tools` gets them described in the system
+    message instead (llama3/tools.py), or it would not know they exist."""
 
     def __init__(self, tokenizer, template: str, bos_token: str = "", eos_token: str = ""):
         self.tokenizer, self.bos_token, self.eos_token = tokenizer, bos_token, eos_token
@@ -475,13 +512,22 @@ class TemplateChatFormat:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
             self.template = env.from_string(template)
+            self.knows_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(template))
         except jinja2.TemplateSyntaxError as e:
             raise TokenizerError(f"chat template, line {e.lineno}: {e.message}") from None
 
-    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+               tools: Sequence[dict] | None = None) -> str:
+        if self.knows_tools:
+            messages = [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": call_arguments(c)}}
+                                             for c in m["tool_calls"]]} if m.get("tool_calls") else m
+                        for m in messages]
+        else:
+            messages, tools = generic_tool_messages(list(messages), tools), None
         try:
             return self.template.render(
                 messages=list(messages),
+                tools=list(tools) if tools else None,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
@@ -489,8 +535,8 @@ class TemplateChatFormat:
         except jinja2.TemplateError as e:
             raise TokenizerError(f"chat template: {e}") from None
 
-    def encode_dialog_prompt(self, messages: Sequence[dict]) -> list[int]:
-        return self.tokenizer.encode(self.render(messages), allowed_special="all")
+    def encode_dialog_prompt(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[int]:
+        return self.tokenizer.encode(self.render(messages, tools=tools), allowed_special="all")
 
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:

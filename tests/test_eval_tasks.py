@@ -61,7 +61,7 @@ class ChatTemplate:
     def __init__(self, tokenizer):
         self.tokenizer, self.dialogs = tokenizer, []
 
-    def encode_dialog_prompt(self, messages):
+    def encode_dialog_prompt(self, messages, tools=None):
         self.dialogs.append(messages)
         text = "".join(f"<{m['role']}>{m['content']}</>" for m in messages) + "<assistant>"
         return self.tokenizer.encode(text, bos=True)

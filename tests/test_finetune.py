@@ -161,7 +161,8 @@ def test_configuration():
     for overrides, settings, problem in [
             (["lora.rnk=4"], {}, "unknown key 'lora.rnk'"),
             ([], {"method": "full", "dpo.enabled": True}, "DPO needs method lora or qlora"),
-            (["parallel.tp=2"], {}, "parallel.tp and parallel.pp must be 1"),
+            (["parallel.tp=2"], {"method": "qlora"}, "QLoRA.s 4-bit base is not tensor parallel"),
+            (["parallel.pp=2"], {"dpo.enabled": True}, "DPO does not run pipelined"),
             (["lora.targets=attn"], {}, "unknown target 'attn'"),
             (["quant.kind=fp4"], {}, "quant.kind must be one of nf4, int4"),
             (["data.packing=true"], {"dpo.enabled": True}, "data.packing and data.labels are for SFT"),

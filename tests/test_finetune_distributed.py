@@ -1,5 +1,5 @@
-"""Fine-tuning under torchrun (2 CPU processes, FSDP over gloo) computes what one process computes, and a run
-resumes from its checkpoint exactly."""
+"""Fine-tuning under torchrun (2 CPU processes over gloo) in the layouts pretraining uses (FSDP, DDP, tensor
+parallel) computes what one process computes, and a run resumes from its checkpoint exactly."""
 
 import json
 import os
@@ -29,16 +29,22 @@ def assert_same_metrics(a, b):
 
 
 @pytest.mark.parametrize("setup", [
-    ["--method", "lora", "data.packing=true", "training.micro_batch_size=1"],  # 2 ranks x 2 accumulation steps
+    ["--method", "lora", "data.packing=true", "training.micro_batch_size=1"],  # FSDP: 2 ranks x 2 accumulation
+    ["--method", "lora", "parallel.dp_replicate=2"],  # DDP
+    ["--method", "lora", "parallel.tp=2"],  # tensor parallel: adapters laid out like their base layers
     ["--method", "qlora"],
     ["--method", "full"],
     ["--dpo"],
-])
+    pytest.param(["--method", "full", "parallel.tp=2"], marks=pytest.mark.long),
+    pytest.param(["--dpo", "parallel.tp=2"], marks=pytest.mark.long),
+    pytest.param(["--method", "qlora", "parallel.dp_replicate=2", "data.packing=true"], marks=pytest.mark.long),
+], ids=["fsdp-lora", "ddp-lora", "tp-lora", "fsdp-qlora", "fsdp-full", "fsdp-dpo", "tp-full", "tp-dpo", "ddp-qlora"])
 def test_two_processes_match_one(tiny_model_dir, tmp_path, setup):
     flags = [a for a in setup if a.startswith("--") or a in ("lora", "qlora", "full")]
     overrides = [a for a in setup if a not in flags]
     kwargs = {"method": flags[1]} if "--method" in flags else {"dpo": True}
-    finetune([*QUICK, *overrides], model=str(tiny_model_dir), out=str(tmp_path / "one"), **kwargs)
+    single = [o for o in overrides if not o.startswith("parallel.")]
+    finetune([*QUICK, *single], model=str(tiny_model_dir), out=str(tmp_path / "one"), **kwargs)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "llama3.finetune", "--model", str(tiny_model_dir), "--out", str(tmp_path / "two"), *flags, *QUICK,
            *overrides]

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from conftest import random_model, tiny_args
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from llama3.finetune.dpo import dpo_loss, sequence_logps
 from llama3.finetune.lora import (
@@ -21,6 +23,7 @@ from llama3.finetune.lora import (
     save_adapter,
 )
 from llama3.finetune.qlora import Linear4bit, dequantize_4bit, nf4_levels, quantize_4bit
+from llama3.train.metrics import flops_per_token, matmul_params
 
 TOKENS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -205,7 +208,7 @@ def test_dpo_loss_values():
     loss, stats = dpo_loss(chosen, rejected, zero - 2, zero - 2, beta=0.5)
     margin = 0.5 * (chosen - rejected)
     assert torch.allclose(stats["margin"], margin) and torch.allclose(loss, -F.logsigmoid(margin).mean())
-    assert stats["accuracy"].tolist() == [1.0, 0.0, 0.0]
+    assert stats["accuracy"].tolist() == [1.0, 0.0, 0.5]
 
 
 def test_dpo_on_a_toy_set_raises_the_margin_and_lowers_the_loss():
@@ -233,3 +236,21 @@ def test_dpo_on_a_toy_set_raises_the_margin_and_lowers_the_loss():
     (first_loss, first_margin), (last_loss, last_margin) = history[0], history[-1]
     assert abs(first_margin) < 1e-6  # fresh adapters: the policy is the reference
     assert last_loss < first_loss - 0.3 and last_margin > 1.0
+
+
+@pytest.mark.parametrize("targets", ["all", "attention"])
+def test_flops_per_token_of_a_frozen_base(targets):
+    """A LoRA step computes no weight gradients for the frozen base: the FLOP count (and so the MFU) must credit
+    forward and input gradients only, as PyTorch's FLOP counter measures them."""
+    args = tiny_args()
+    model = random_model(args)
+    add_lora(model, LoRAConfig(rank=4, dropout=0.0, targets=targets))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    B, T = TOKENS.shape
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model.train()(TOKENS).sum().backward()
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    attention = 12 * args.n_layers * args.dim * T / 2  # in flops_per_token, but bmm, not mm
+    expected = (flops_per_token(args, T, trained_params=trained) - attention) * B * T
+    assert counts["aten.mm"] == pytest.approx(expected, rel=1e-2)
+    assert counts["aten.mm"] < 6 * matmul_params(args) * B * T  # less than training every weight costs

@@ -114,6 +114,7 @@ def write_config(path, **changes):
     ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config not understood"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
     ({"attention_bias": True}, "attention_bias=True"),
+    ({"rope_interleaved": True}, "rope_interleaved=True"),
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}, "rope_scaling": None,
       "rope_theta": None},
      "needs 'low_freq_factor'"),

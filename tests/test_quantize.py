@@ -182,6 +182,16 @@ def test_quantize_writes_a_checkpoint_that_loads_back(tmp_path, scheme, capsys):
     assert torch.equal(build_model(ckpt)(tokens), expected)
 
 
+def test_a_quantized_checkpoint_is_not_quantized_again(tmp_path):
+    from llama3.export import save_checkpoint
+    args = tiny_args()
+    save_checkpoint(tmp_path / "hf", args, random_model(args).state_dict(), layout="hf")
+    quantize(str(tmp_path / "hf"), str(tmp_path / "q"), int8=True)
+    assert quantize_checkpoint(read_checkpoint(tmp_path / "q"), "int8").metadata["quantization"]["scheme"] == "int8"
+    with pytest.raises(QuantizationError, match="already quantized as int8"):
+        quantize_checkpoint(read_checkpoint(tmp_path / "q"), "int4")
+
+
 def test_quantize_needs_exactly_one_scheme(tmp_path):
     with pytest.raises(QuantizationError, match="exactly one of --int8 and --int4"):
         quantize("x", str(tmp_path / "q"), int8=True, int4=True)

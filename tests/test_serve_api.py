@@ -234,8 +234,9 @@ BAD_REQUESTS = {
     "prompt + max_tokens over the context": ("/v1/completions", body(prompt="hello " * 300, max_tokens=300), 400),
     "empty prompt list": ("/v1/completions", body(prompt=[]), 400),
     "token id out of range": ("/v1/completions", body(prompt=[1, 2, 10**6]), 400),
-    "unsupported logprobs": ("/v1/completions", body(prompt="a", logprobs=3), 400),
-    "unsupported tools": ("/v1/chat/completions", body(messages=MSG, tools=[{"type": "function"}]), 400),
+    "unsupported logit_bias": ("/v1/completions", body(prompt="a", logit_bias={"1": 5}), 400),
+    "logprobs out of range": ("/v1/completions", body(prompt="a", logprobs=21), 400),
+    "tool without a function": ("/v1/chat/completions", body(messages=MSG, tools=[{"type": "function"}]), 400),
     "oversized body": ("/v1/completions", body(prompt="a" * 100_000), 413),
 }
 
@@ -322,6 +323,9 @@ def test_queue_full_gives_429_and_the_server_recovers(llm):
             assert wait_until(lambda: engine.num_running == 1)
             r = httpx.post(server.url + "/v1/completions", json={"model": llm.name, "prompt": "a"}, timeout=10)
             assert r.status_code == 429 and r.json()["error"]["code"] == "server_busy"
+            assert r.headers["retry-after"] == "1"
+            assert httpx.get(server.url + "/health", timeout=10).status_code == 200  # a full queue is not down
+            assert httpx.get(server.url + "/metrics", timeout=10).status_code == 200
             streams.close()  # both clients go away: both requests are cancelled
             assert wait_until(lambda: engine.num_running == 0 and engine.num_waiting == 0, timeout=5)
         r = httpx.post(server.url + "/v1/completions", json={"model": llm.name, "prompt": "a", "max_tokens": 3},

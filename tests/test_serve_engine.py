@@ -270,3 +270,82 @@ def test_a_failing_forward_pass_fails_its_requests_and_the_engine_goes_on(llm, m
 def test_bad_engine_settings_are_refused(llm, settings):
     with pytest.raises(ValueError, match="need max_batch"):
         Engine(llm.model, llm.tokenizer, **settings)
+
+
+# ---- the paged KV cache: memory held by tokens, prefixes shared, preemption ----------------------------------------
+
+def assert_all_blocks_returned(engine: Engine) -> None:
+    pool = engine.pool
+    assert pool.num_used == 0 and not any(pool.refs)
+
+
+def test_a_second_turn_reuses_the_first_turns_blocks(llm):
+    engine = Engine(llm.model, llm.tokenizer, max_batch=4, prefill_chunk=16, block_size=4)
+    first_prompt = prompts(llm, 1, seed=6)[0] + list(range(20))
+    first, rec_first = make_request(first_prompt, 9, ignore_eos=True)
+    engine.submit([first])
+    run_until_done(engine, [rec_first])
+    assert engine.metrics.prefix_cache_hits.value() == 0
+    # The next turn: the whole first exchange (prompt and reply) and a new message.
+    second_prompt = first.tokens + [5, 6, 7, 8, 9]
+    second, rec_second = make_request(second_prompt, 10)
+    engine.submit([second])
+    run_until_done(engine, [rec_second])
+    assert rec_second.text == reference(llm, second_prompt, 10)
+    hits = engine.metrics.prefix_cache_hits.value()
+    assert hits == (len(first.tokens) - 1) // 4 * 4  # every full block of the first turn, its reply included
+    assert_all_blocks_returned(engine)
+
+
+def test_running_requests_share_a_common_prefix(llm):
+    engine = Engine(llm.model, llm.tokenizer, max_batch=4, prefill_chunk=64, block_size=4)
+    system = [llm.tokenizer.bos_id] + [(3 * i) % 30 for i in range(23)]  # 24 tokens: 6 full blocks
+    a, rec_a = make_request(system + [1, 2, 3], 20)
+    engine.submit([a])
+    engine.step()
+    engine.step()
+    b, rec_b = make_request(system + [4, 5], 20)
+    engine.submit([b])
+    engine.step()
+    assert a.blocks[:6] == b.blocks[:6] and all(engine.pool.refs[blk] == 2 for blk in a.blocks[:6])
+    run_until_done(engine, [rec_a, rec_b])
+    assert rec_a.text == reference(llm, a.prompt, 20) and rec_b.text == reference(llm, b.prompt, 20)
+    assert_all_blocks_returned(engine)
+    # Without prefix caching the same answers, computed in full.
+    plain = Engine(llm.model, llm.tokenizer, max_batch=4, prefill_chunk=64, block_size=4, prefix_caching=False)
+    c, rec_c = make_request(system + [4, 5], 20)
+    plain.submit([c])
+    run_until_done(plain, [rec_c])
+    assert rec_c.text == rec_b.text and plain.metrics.prefix_cache_hits.value() == 0
+
+
+def test_memory_runs_out_mid_generation_preempts_and_recomputes(llm):
+    # Room for one full context (64 positions) while four requests want ~45 each: some are set back and
+    # recomputed, and every answer is still the one-at-a-time answer.
+    engine = Engine(llm.model, llm.tokenizer, max_batch=4, max_context=64, kv_cache_tokens=64, block_size=4,
+                    prefill_chunk=64)
+    ps = prompts(llm, 4, seed=7)
+    reqs = [make_request(p[:15], 30, ignore_eos=True) for p in ps]
+    engine.submit([r for r, _ in reqs])
+    run_until_done(engine, [rec for _, rec in reqs])
+    assert engine.metrics.preemptions.value() > 0
+    for (req, rec) in reqs:
+        assert rec.text == reference(llm, req.prompt, 30)
+        assert rec.final.completion_tokens == 30
+    assert_all_blocks_returned(engine)
+
+
+def test_blocks_are_returned_when_requests_end_or_are_cancelled(llm):
+    engine = Engine(llm.model, llm.tokenizer, max_batch=2, prefill_chunk=8, block_size=4)
+    long_prompt = [llm.tokenizer.bos_id] + [i % 30 for i in range(40)]
+    running, _ = make_request([llm.tokenizer.bos_id, 1, 2, 3], 50)
+    prefilling, _ = make_request(long_prompt, 50)  # cancelled half-way through its chunked prefill
+    engine.submit([running, prefilling])
+    for _ in range(3):
+        engine.step()
+    assert engine.pool.num_used > 0 and engine.num_running == 1 and engine.num_waiting == 1
+    running.cancel()
+    prefilling.cancel()
+    engine.step()
+    assert engine.num_running == 0 and engine.num_waiting == 0
+    assert_all_blocks_returned(engine)

@@ -4,10 +4,11 @@ The preparation function is `llama3.data.prepare.prepare`; it is not re-exported
 would hide the module of the same name.
 """
 
+from llama3.data.cli import add_data_parser, cli_data
 from llama3.data.default_corpus import default_corpus_dir, prepare_default_corpus
 from llama3.data.loader import TokenLoader
 from llama3.data.minhash import MinHashConfig
-from llama3.data.prepare import PrepareConfig, PrepareStats, add_data_parser, cli_data
+from llama3.data.prepare import PrepareConfig, PrepareStats
 from llama3.data.quality import QualityConfig
 from llama3.data.shards import TokenShards
 from llama3.data.sources import DataError, InputOptions

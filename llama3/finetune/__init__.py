@@ -1,6 +1,7 @@
 """Instruct fine-tuning: supervised fine-tuning with prompt masking, LoRA, QLoRA and DPO (`llama3 finetune`).
 
-This module stays light (the `llama3` command imports it for --help); the loop lives in trainer.py.
+This module stays light (the `llama3` command imports it for --help); the fine-tuning task lives in tasks.py, the
+loop in llama3/train/trainer.py.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def finetune(overrides: list[str] | None = None, *, model: str | None = None, da
         overrides: section.key=value settings, e.g. training.steps=200 lora.rank=8 data.packing=true dpo.beta=0.2
     """
     from .config import load_finetune_config
-    from .trainer import run
+    from .tasks import run
     settings = {"model": model, "method": method, "run.dir": out, "dpo.enabled": dpo or None, "data.path": data}
     cfg = load_finetune_config(config, overrides, **settings)
     if not cfg.data.path:  # the bundled samples

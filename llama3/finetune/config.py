@@ -1,27 +1,25 @@
-"""Fine-tuning configuration: the training stack's sections (training, optim, parallel, eval, checkpoint, metrics)
-plus data, lora, quant, dpo and export, read from a file and `section.key=value` overrides like `llama3 train`."""
+"""Fine-tuning configuration: the training loop's sections (run, training, optim, parallel, eval, checkpoint, faults,
+metrics) plus model, method, data, lora, quant, dpo and export, read from a file and `section.key=value` overrides
+like `llama3 train`."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from ..hub import DEFAULT_MODEL
 from ..train.config import (
-    CheckpointConfig,
     ConfigError,
     EvalConfig,
-    MetricsConfig,
+    LoopConfig,
     OptimConfig,
-    ParallelConfig,
-    RunConfig,
     TrainingConfig,
     apply_dict,
     apply_overrides,
     read_config_file,
     set_key,
+    validate_loop,
 )
 from .data import LabelStrategy
 from .lora import LoRAConfig
@@ -61,25 +59,18 @@ class ExportConfig:
 
 
 @dataclass
-class FinetuneConfig:
-    model: str = DEFAULT_MODEL  # known model name, .gguf file, or Meta / HF checkpoint directory
-    method: Method = "lora"
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+class FinetuneConfig(LoopConfig):
     training: TrainingConfig = field(default_factory=lambda: TrainingConfig(steps=100, batch_size=8, log_every=10))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=DEFAULT_LR["lora"], warmup_steps=10,
                                                                    weight_decay=0.0, min_lr_ratio=0.0))
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(every=50, steps=50))
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(every=50, steps=50, at_start=True))
+    model: str = DEFAULT_MODEL  # known model name, .gguf file, or Meta / HF checkpoint directory
+    method: Method = "lora"
+    data: DataConfig = field(default_factory=DataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def load_finetune_config(path: str | Path | None = None, overrides: list[str] | None = None, **settings
@@ -107,17 +98,22 @@ def load_finetune_config(path: str | Path | None = None, overrides: list[str] | 
 
 
 def validate(cfg: FinetuneConfig) -> None:
-    t, d = cfg.training, cfg.data
-    for key, value, least in (("training.steps", t.steps, 1), ("training.batch_size", t.batch_size, 1),
-                              ("data.seq_len", d.seq_len, 8), ("training.log_every", t.log_every, 1),
-                              ("quant.block_size", cfg.quant.block_size, 2), ("eval.steps", cfg.eval.steps, 1)):
+    validate_loop(cfg)
+    d, p = cfg.data, cfg.parallel
+    for key, value, least in (("training.steps", cfg.training.steps, 1), ("data.seq_len", d.seq_len, 8),
+                              ("quant.block_size", cfg.quant.block_size, 2)):
         if value < least:
             raise ConfigError(f"{key} must be at least {least}; got {value}")
-    if cfg.parallel.tp != 1 or cfg.parallel.pp != 1:
-        raise ConfigError("fine-tuning runs data parallel (FSDP / DDP / HSDP): parallel.tp and parallel.pp must be 1")
     if cfg.dpo.enabled and cfg.method == "full":
         raise ConfigError("DPO needs method lora or qlora: its reference model is the base with the adapters "
                           "turned off, so no second copy of the weights is kept")
+    if cfg.dpo.enabled and p.pp > 1:
+        raise ConfigError("DPO does not run pipelined: its loss needs the policy's and the reference's "
+                          "log-probabilities of both replies of a pair, which a pipeline's last stage never sees "
+                          "together; use parallel.tp and data parallelism")
+    if cfg.method == "qlora" and p.tp > 1:
+        raise ConfigError("QLoRA's 4-bit base is not tensor parallel (its codes are packed in blocks of whole "
+                          "rows of weights); use method lora with parallel.tp, or data parallelism")
     if cfg.dpo.enabled and (cfg.data.packing or cfg.data.labels != "assistant"):
         raise ConfigError("data.packing and data.labels are for SFT; DPO scores each pair's final reply, unpacked")
     if cfg.export.merged != "none" and cfg.method == "full":

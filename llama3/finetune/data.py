@@ -27,7 +27,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-IGNORE = -100  # label of a token that is not learned (cross_entropy's ignore_index)
+from ..train.data import IGNORE
+
 LabelStrategy = Literal["assistant", "last", "all"]
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -355,14 +356,17 @@ def pack(examples: list[Example], max_len: int) -> list[Row]:
     return rows
 
 
-def collate(rows: list[Row], pad_id: int, length: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def collate(rows: list[Row], pad_id: int, length: int | None = None, n_rows: int | None = None
+            ) -> tuple[Tensor, Tensor, Tensor]:
     """(inputs, targets, positions), each (B, T): inputs are tokens[:-1] and targets labels[1:], right-padded to
-    `length` (default: the longest row). Padding positions are 0, so with document masking each pad token is its
-    own one-token document and never attended to by real tokens."""
+    `length` (default: the longest row), and with `n_rows` to that many rows (padding rows learn nothing). Padding
+    positions are 0, so with document masking each pad token is its own one-token document and never attended to
+    by real tokens."""
     T = (length or max(len(r.tokens) for r in rows)) - 1
-    inputs = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    targets = torch.full((len(rows), T), IGNORE, dtype=torch.long)
-    positions = torch.zeros((len(rows), T), dtype=torch.long)
+    B = n_rows or len(rows)
+    inputs = torch.full((B, T), pad_id, dtype=torch.long)
+    targets = torch.full((B, T), IGNORE, dtype=torch.long)
+    positions = torch.zeros((B, T), dtype=torch.long)
     for i, r in enumerate(rows):
         n = len(r.tokens) - 1
         inputs[i, :n] = torch.tensor(r.tokens[:-1])

@@ -76,9 +76,11 @@ class LoRALinear(nn.Module):
         if not self.enabled:
             return out
         # Scale the small (..., rank) activation rather than the (..., out) product, and add into the base output
-        # in place (a linear layer's backward does not need its output): fewer activation-sized temporaries.
+        # in place (a linear layer's backward does not need its output): fewer activation-sized temporaries. A
+        # tensor-parallel layer's output is a view of its DTensor, which autograd does not let change in place.
         h = self.lora_a(self.dropout(x).to(self.lora_a.weight.dtype))  # (..., rank)
-        return out.add_(self.lora_b(h * self.scale).to(out.dtype))
+        delta = self.lora_b(h * self.scale).to(out.dtype)
+        return out + delta if out._is_view() else out.add_(delta)
 
     def base_weight(self) -> Tensor:
         return self.base.dequantize() if isinstance(self.base, Linear4bit) else self.base.weight

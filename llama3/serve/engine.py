@@ -1,15 +1,18 @@
-"""Continuous batching: one thread runs the model for every request in flight.
+"""Continuous batching over a paged KV cache: one thread runs the model for every request in flight.
 
-Each running request owns one row of a static KV cache. Every engine step decodes one token for all running requests
-in a single batched forward pass, then spends at most `prefill_chunk` prompt tokens on new requests: either several
-whole short prompts together in one padded forward pass, or the next chunk of one long prompt (chunked prefill). A
-long prompt thus costs the running streams one chunk of compute per step instead of its whole prefill, and requests
-join or leave between steps without anyone waiting for a batch to drain.
+Every engine step decodes one token for all running requests in a single batched forward pass, then spends at most
+`prefill_chunk` prompt tokens (the step's token budget) on new requests: either several whole short prompts together
+in one padded forward pass, or the next chunk of one long prompt (chunked prefill). A long prompt thus costs the
+running streams one chunk of compute per step instead of its whole prefill, and requests join or leave between
+steps without anyone waiting for a batch to drain.
 
-Running requests always occupy cache rows 0..n-1, which is exactly the layout the model's cache uses for a batch of
-n rows. When a request finishes, the last running row is moved into its place. New prompts are prefilled in a
-separate cache (one full-length row for a long prompt, `max_batch` short rows for a group of short ones) and copied
-into rows n, n+1, ... when complete.
+Keys and values live in a `BlockPool` (paged.py): a request holds blocks for the positions it has, taken as it
+grows and given back when it ends, so how many requests run at once is set by the tokens they hold. A request is
+admitted when the pool can hold its whole prompt; its prompt's longest cached prefix (an earlier turn of the same
+chat, a shared system prompt) is taken from the pool instead of computed. When a running request needs a block and
+none is left, the newest request is preempted: its blocks go back (the full ones stay cached by prefix) and it
+waits at the head of the queue to be prefilled again from its prompt and the tokens it had generated, so it resumes
+where it was, usually from its own cached blocks.
 
 Torch releases the GIL while it computes, so the web server's event loop stays responsive while this thread works;
 the two sides meet only in `submit` (a locked queue) and each request's `emit` callback.
@@ -25,9 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..generate import SamplingParams, TextStream, make_generator, sample
-from ..model import KVCache, Transformer
+from ..generate import SamplingParams, TextStream, TokenLogprob, adjust_logits, make_generator, sample, token_logprobs
+from ..model import Transformer
 from .metrics import ServeMetrics
+from .paged import BlockPool, paged_batch
 
 log = logging.getLogger("llama3.serve")
 
@@ -46,19 +50,25 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # the step's token, when the request asked for logprobs
+    prompt_logprobs: list[TokenLogprob] | None = None  # on the first output: the prompt's (the first one's is None)
 
 
 class Request:
     """One completion: a tokenized prompt, how to sample it, and where its outputs go.
 
-    `emit` is called from the engine thread with every `Output`; it must not block.
+    `emit` is called from the engine thread with every `Output`; it must not block. `constraint` (a
+    llama3.constrain.Constraint) masks the logits to what its grammar allows; `logprobs` (0-20) asks for each
+    generated token's log-probability and that many alternatives, `prompt_logprobs` for the prompt's tokens too
+    (then max_tokens may be 0: score the prompt, generate nothing).
     """
 
     def __init__(self, prompt: list[int], *, max_tokens: int, emit: Callable[[Output], None],
-                 params: SamplingParams | None = None, stop: Iterable[str] = (), ignore_eos: bool = False):
+                 params: SamplingParams | None = None, stop: Iterable[str] = (), ignore_eos: bool = False,
+                 constraint=None, logprobs: int | None = None, prompt_logprobs: bool = False):
         if not prompt:
             raise ValueError("the prompt needs at least one token")
-        if max_tokens < 1:
+        if max_tokens < (0 if prompt_logprobs else 1):
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         self.prompt = list(prompt)
         self.max_tokens = max_tokens
@@ -66,15 +76,26 @@ class Request:
         self.params = params or SamplingParams()
         self.stop = list(stop)
         self.ignore_eos = ignore_eos
+        self.constraint = constraint
+        self.logprobs = logprobs
+        # The prompt's first token has nothing before it: no logprob.
+        self.prompt_logprobs = [TokenLogprob(self.prompt[0], None, [])] if prompt_logprobs else None
+        self.step_logprob: TokenLogprob | None = None
         self.cancelled = False  # set by any thread, read by the engine thread
         # Engine-side state.
-        self.prefilled = 0  # prompt tokens already in the prefill cache
-        self.cached = 0  # positions 0..cached-1 hold keys/values in this request's cache row
+        self.tokens = list(prompt)  # the prompt and every token generated so far
+        self.blocks: list[int] = []  # block table: position p lives in blocks[p // block_size]
+        self.cached = 0  # positions 0..cached-1 hold keys/values
+        self.shared = 0  # leading blocks registered in (or taken from) the prefix cache
+        self.digest = b""  # the prefix digest of the last of those blocks
         self.completion_tokens = 0
-        self.last_token = -1  # sampled but not yet fed to the model
         self.stream: TextStream | None = None
         self.generator: torch.Generator | None = None
         self.finished = False
+
+    @property
+    def last_token(self) -> int:
+        return self.tokens[-1]
 
     def cancel(self) -> None:
         """Stop generating (e.g. the client went away); the engine frees the request's slot at its next step."""
@@ -82,8 +103,9 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer, *, max_batch: int = 8, max_context: int | None = None,
-                 max_queue: int = 64, prefill_chunk: int = 256, metrics: ServeMetrics | None = None):
+    def __init__(self, model: Transformer, tokenizer, *, max_batch: int = 64, max_context: int | None = None,
+                 max_queue: int = 64, prefill_chunk: int = 256, kv_cache_tokens: int | None = None,
+                 block_size: int = 16, prefix_caching: bool = True, metrics: ServeMetrics | None = None):
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or (max_context is not None and max_context < 2):
             raise ValueError(f"need max_batch >= 1, max_queue >= 0, prefill_chunk >= 1 and max_context >= 2; got "
                              f"{max_batch}, {max_queue}, {prefill_chunk} and {max_context}")
@@ -97,13 +119,15 @@ class Engine:
         self.stop_ids = frozenset(tokenizer.stop_ids)
         weight = model.tok_embeddings.weight
         self.device = weight.device
-        self.cache = KVCache(model.args, max_batch, self.max_context, dtype=weight.dtype, device=self.device)
-        self.long_prefill_cache = KVCache(model.args, 1, self.max_context, dtype=weight.dtype, device=self.device)
-        self.group_prefill_cache = KVCache(model.args, max_batch, min(prefill_chunk, self.max_context),
-                                           dtype=weight.dtype, device=self.device)
+        kv_cache_tokens = kv_cache_tokens or 4 * self.max_context
+        if kv_cache_tokens < self.max_context:
+            raise ValueError(f"the KV cache ({kv_cache_tokens} tokens) must hold at least one full context "
+                             f"({self.max_context} tokens)")
+        self.pool = BlockPool(model.args, -(-kv_cache_tokens // block_size) + 1, block_size, dtype=weight.dtype,
+                              device=self.device, prefix_caching=prefix_caching)
         self._waiting: deque[Request] = deque()  # guarded by _cond
         self._cond = threading.Condition()
-        self._running: list[Request] = []  # engine thread only; _running[i] lives in cache row i
+        self._running: list[Request] = []  # engine thread only, oldest first
         self._prefilling: list[Request] = []  # engine thread only: one long prompt or a group of short ones
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -125,8 +149,6 @@ class Engine:
         for req in [*self._waiting, *self._running, *self._prefilling]:
             self._fail(req, "the server is shutting down")
         self._waiting.clear()
-        self._running.clear()
-        self._prefilling = []
 
     @property
     def alive(self) -> bool:
@@ -178,8 +200,6 @@ class Engine:
                     log.exception("engine step failed")
                     for req in [*self._running, *self._prefilling]:
                         self._fail(req, f"generation failed: {type(e).__name__}: {e}")
-                    self._running.clear()
-                    self._prefilling = []
         except BaseException as e:
             self.error = e
             raise
@@ -191,129 +211,199 @@ class Engine:
         if self._running:
             self._decode()
         if not self._prefilling:
-            self._prefilling = self._take_waiting()
+            self._prefilling = self._admit()
         if self._prefilling:
             self._prefill(self._prefilling)
 
-    def _take_waiting(self) -> list[Request]:
-        """The next prompts to prefill, first come first served: one long prompt alone (chunked over steps), or as
-        many whole short prompts as there are free slots and fit in prefill_chunk tokens once padded."""
-        group, longest = [], 0
+    def _admit(self) -> list[Request]:
+        """The next prompts to prefill, first come first served, each with blocks for its whole prompt: one long
+        prompt alone (chunked over steps), or as many whole short prompts as there are free slots and fit in
+        prefill_chunk tokens once padded. A prompt the pool cannot hold yet waits for running requests to end."""
+        group, longest, pool = [], 0, self.pool
         with self._cond:
             while self._waiting and len(group) < self.max_batch - len(self._running):
                 req = self._waiting[0]
                 if req.cancelled:
                     self._waiting.popleft()
                     continue
-                n = len(req.prompt)
-                if group and (n > self.prefill_chunk or (len(group) + 1) * max(longest, n) > self.prefill_chunk):
-                    break  # does not fit with the others: it goes first next step
-                group.append(self._waiting.popleft())
+                # A prompt to score is computed in full: cached blocks would skip its positions' logits.
+                cached = pool.lookup(req.tokens) if req.prompt_logprobs is None else []
+                n = len(req.tokens) - len(cached) * pool.block_size  # tokens to compute
+                needed = pool.blocks_for(len(req.tokens)) - len(cached)
+                too_long = group and (n > self.prefill_chunk or (len(group) + 1) * max(longest, n) > self.prefill_chunk)
+                if too_long or needed > pool.num_available:
+                    pool.release(cached)  # it goes first next step (or once memory is free)
+                    break
+                self._waiting.popleft()
+                req.blocks = cached + [pool.allocate() for _ in range(needed)]
+                req.shared, req.cached = len(cached), len(cached) * pool.block_size
+                req.digest = pool.digest_of[cached[-1]] if cached else b""
+                self.metrics.prefix_cache_queries.inc(len(req.tokens))
+                self.metrics.prefix_cache_hits.inc(req.cached)
+                group.append(req)
                 longest = max(longest, n)
                 if n > self.prefill_chunk:
                     break
         for req in group:
-            req.stream = TextStream(self.tokenizer, req.stop)
-            req.generator = make_generator(req.params.seed, self.device)
+            if req.stream is None:  # not a preempted request coming back
+                req.stream = TextStream(self.tokenizer, req.stop)
+                req.generator = make_generator(req.params.seed, self.device)
         return group
 
     def _drop_cancelled(self) -> None:
-        for i in reversed(range(len(self._running))):
-            if self._running[i].cancelled:
-                self._release(i)
-        if self._prefilling and self._prefilling[0].cancelled:  # only a long prompt stays prefilling across steps
-            self._prefilling = []
+        for req in [r for r in [*self._running, *self._prefilling] if r.cancelled]:
+            self._free(req)
         with self._cond:
             if any(r.cancelled for r in self._waiting):
                 self._waiting = deque(r for r in self._waiting if not r.cancelled)
 
     def _decode(self) -> None:
-        running = self._running
+        running, pool = self._running, self.pool
+        i = 0
+        while i < len(running):  # each request needs a block for the position it writes; preempt until all have one
+            req = running[i]
+            if req.cached == len(req.blocks) * pool.block_size:
+                block = pool.allocate()
+                if block is None:
+                    self._preempt(self._prefilling[-1] if self._prefilling else running[-1])
+                    continue
+                req.blocks.append(block)
+            i += 1
+        if not running:
+            return
         tokens = torch.tensor([[r.last_token] for r in running], device=self.device)  # (B, 1)
-        positions = torch.tensor([[r.cached] for r in running], device=self.device)  # (B, 1)
-        logits = self.model(tokens, positions, self.cache)[:, -1]  # (B, vocab)
+        positions = [[r.cached] for r in running]
+        batch = paged_batch(pool, [r.blocks for r in running], positions)
+        logits = self.model(tokens, torch.tensor(positions, device=self.device), batch)[:, -1]  # (B, vocab)
         self.metrics.batch_size.observe(len(running))
         next_ids = self._sample(logits, running)
-        for i in reversed(range(len(running))):  # backwards: _release moves a later row into row i
-            running[i].cached += 1
-            if self._accept(running[i], next_ids[i]):
-                self._release(i)
+        for req, token in zip(list(running), next_ids):
+            req.cached += 1
+            self._share_full_blocks(req)
+            if self._accept(req, token):
+                self._free(req)
 
     def _prefill(self, group: list[Request]) -> None:
         """One forward pass over the next chunk of each prompt in the group (right-padded to the longest); once the
-        prompts are complete, their keys/values move into the next free rows and they start decoding."""
-        start = group[0].prefilled  # a group of several prompts always starts, and ends, in this step
-        chunks = [r.prompt[start:start + self.prefill_chunk] for r in group]
-        # Pads go after a prompt's last token, where causal attention keeps its real tokens from seeing them.
-        tokens = torch.zeros(len(group), max(map(len, chunks)), dtype=torch.long)  # (k, T)
-        for i, c in enumerate(chunks):
-            tokens[i, :len(c)] = torch.tensor(c)
-        positions = torch.arange(start, start + tokens.shape[1]).expand_as(tokens)
-        last = torch.tensor([len(c) - 1 for c in chunks])
-        cache = self.long_prefill_cache if len(group) == 1 else self.group_prefill_cache
-        logits = self.model(tokens.to(self.device), positions.to(self.device), cache,
-                            logits_index=last.to(self.device))[:, -1]  # (k, vocab)
+        prompts are complete, they sample their first token and start decoding."""
+        chunks = [r.tokens[r.cached:r.cached + self.prefill_chunk] for r in group]
+        T = max(map(len, chunks))
+        # Pads repeat a row's last position, so they widen nothing, and write their keys/values to scratch.
+        positions = [[r.cached + min(t, len(c) - 1) for t in range(T)] for r, c in zip(group, chunks)]
+        slots = [[p if t < len(c) else -1 for t, p in enumerate(row)] for row, c in zip(positions, chunks)]
+        tokens = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=self.device)  # (k, T)
+        last = torch.tensor([len(c) - 1 for c in chunks], device=self.device)
+        batch = paged_batch(self.pool, [r.blocks for r in group], slots)
+        scoring = any(r.prompt_logprobs is not None for r in group)  # every position's logits, not just the last
+        logits = self.model(tokens, torch.tensor(positions, device=self.device), batch,
+                            logits_index=None if scoring else last)  # (k, T or 1, vocab)
+        if scoring:
+            for i, (req, c) in enumerate(zip(group, chunks)):
+                targets = req.prompt[req.cached + 1:req.cached + len(c) + 1]  # each position predicts the next one
+                if req.prompt_logprobs is not None and targets:
+                    scores = torch.log_softmax(logits[i, :len(targets)].float(), dim=-1)
+                    req.prompt_logprobs += token_logprobs(scores, targets, req.logprobs or 0)
+            logits = logits[torch.arange(len(group)), last][:, None]
+        logits = logits[:, -1]  # (k, vocab)
         for req, c in zip(group, chunks):
-            req.prefilled += len(c)
-        if group[0].prefilled < len(group[0].prompt):
+            req.cached += len(c)
+            self._share_full_blocks(req)
+        if group[0].cached < len(group[0].tokens):
             return  # a long prompt: more chunks next step
         self._prefilling = []
-        first_row = len(self._running)
-        for i, req in enumerate(group):
-            n = len(req.prompt)
-            self.cache.copy_rows(first_row + i, cache, i, n)
-            req.cached = n
-            self._running.append(req)
-            self.metrics.prompt_tokens.inc(n)
-        next_ids = self._sample(logits, group)
-        for i in reversed(range(len(group))):
-            if self._accept(group[i], next_ids[i]):
-                self._release(first_row + i)
+        for req in group:
+            if req.completion_tokens == 0:
+                self.metrics.prompt_tokens.inc(len(req.prompt))
+        self._running.extend(group)
+        for req, token in zip(group, self._sample(logits, group)):
+            if self._accept(req, token):
+                self._free(req)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
-        ids = logits.argmax(dim=-1).tolist()  # greedy rows in one go; sampled rows one by one with their own settings
+        """The one place a batch's logits (B, vocab) become tokens: each request's penalties and grammar mask, then
+        its greedy or seeded choice; requests that asked for logprobs get the chosen token's under the model's own
+        distribution (before penalties and masks, as OpenAI reports them)."""
+        adjusted = logits
+        for i, req in enumerate(requests):
+            row = logits[i]
+            new = adjust_logits(row, req.params, req.stream.ids, req.constraint)
+            if new is not row:
+                adjusted = logits.clone() if adjusted is logits else adjusted
+                adjusted[i] = new
+        ids = adjusted.argmax(dim=-1).tolist()  # greedy rows in one go; sampled rows one by one with their settings
         for i, req in enumerate(requests):
             if req.params.temperature > 0:
-                ids[i] = int(sample(logits[i:i + 1], req.params, req.generator)[0])
+                ids[i] = int(sample(adjusted[i:i + 1], req.params, req.generator)[0])
+            if req.logprobs is not None:
+                scores = torch.log_softmax(logits[i:i + 1].float(), dim=-1)
+                req.step_logprob = token_logprobs(scores, [ids[i]], req.logprobs)[0]
         return ids
 
     def _accept(self, req: Request, token: int) -> bool:
         """Take one sampled token: emit its text, and finish the request when it is done. True when finished."""
+        if req.max_tokens == 0:  # only the prompt's logprobs were wanted
+            return self._finish(req, "", "length")
         req.completion_tokens += 1
-        req.last_token = token
+        req.tokens.append(token)
         self.metrics.generation_tokens.inc()
         if token in self.stop_ids and not req.ignore_eos:  # end of turn: not part of the text
             return self._finish(req, req.stream.finish(), "stop")
+        if req.constraint is not None:
+            try:
+                req.constraint.accept(token)
+            except ValueError as e:  # the grammar engine failed this request: the others go on
+                self._fail(req, f"constrained decoding failed: {e}")
+                return True
+        logprobs = None if req.step_logprob is None else [req.step_logprob]
         text = req.stream.push(token)
         if req.stream.stopped:
-            return self._finish(req, text, "stop")
+            return self._finish(req, text, "stop", logprobs)
         if req.completion_tokens >= req.max_tokens:
-            return self._finish(req, text + req.stream.finish(), "length")
-        self._emit(req, Output(text))
+            return self._finish(req, text + req.stream.finish(), "length", logprobs)
+        self._emit(req, Output(text, logprobs=logprobs))
         return False
 
-    def _finish(self, req: Request, text: str, reason: str) -> bool:
+    def _finish(self, req: Request, text: str, reason: str, logprobs: list[TokenLogprob] | None = None) -> bool:
         req.finished = True
-        self._emit(req, Output(text, reason, len(req.prompt), req.completion_tokens))
+        self._emit(req, Output(text, reason, len(req.prompt), req.completion_tokens, logprobs=logprobs))
         return True
 
     def _fail(self, req: Request, message: str) -> None:
+        self._free(req)
         if not req.finished:
             req.finished = True
             self._emit(req, Output("", "error", len(req.prompt), req.completion_tokens, error=message))
 
     def _emit(self, req: Request, out: Output) -> None:
+        if req.prompt_logprobs is not None:  # sent once, with the first output
+            out.prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None
         try:
             req.emit(out)
         except Exception:  # the listener is gone (e.g. its event loop closed): stop working for it
             log.debug("dropping output of a request whose listener failed", exc_info=True)
             req.cancelled = True
 
-    def _release(self, i: int) -> None:
-        """Free cache row i; the last running request moves into it so rows 0..n-1 stay the running ones."""
-        last = self._running.pop()
-        if i < len(self._running):
-            n = last.cached
-            self.cache.copy_rows(i, self.cache, len(self._running), n)
-            self._running[i] = last
+    def _share_full_blocks(self, req: Request) -> None:
+        """Key the request's newly filled blocks by their prefix, so later prompts can share them."""
+        bs = self.pool.block_size
+        for i in range(req.shared, req.cached // bs):
+            req.digest = self.pool.digests(req.tokens[i * bs:(i + 1) * bs], req.digest)[0]
+            self.pool.register(req.blocks[i], req.digest)
+        req.shared = max(req.shared, req.cached // bs)
 
+    def _free(self, req: Request) -> None:
+        """Take the request out of the batch and give its blocks back."""
+        for lst in (self._running, self._prefilling):
+            if req in lst:
+                lst.remove(req)
+        self.pool.release(req.blocks)
+        req.blocks, req.cached, req.shared, req.digest = [], 0, 0, b""
+
+    def _preempt(self, req: Request) -> None:
+        """Out of blocks: free this request's and queue it first, to be prefilled again (recomputed) later."""
+        self._free(req)
+        if req.prompt_logprobs is not None:  # scored again from the start, as it is computed again
+            req.prompt_logprobs = req.prompt_logprobs[:1]
+        self.metrics.preemptions.inc()
+        with self._cond:
+            self._waiting.appendleft(req)

@@ -97,6 +97,12 @@ class ServeMetrics:
                                              LATENCY_BUCKETS)
         self.batch_size = Histogram("llama3_batch_size", "Requests decoded together in one forward pass",
                                     (1, 2, 4, 8, 16, 32, 64, 128))
+        self.prefix_cache_queries = Counter("llama3_prefix_cache_queries_total",
+                                            "Prompt tokens looked up in the prefix cache when admitted")
+        self.prefix_cache_hits = Counter("llama3_prefix_cache_hits_total",
+                                         "Prompt tokens whose keys/values came from the prefix cache")
+        self.preemptions = Counter("llama3_preemptions_total",
+                                   "Running requests set back to recompute later because the KV cache was full")
         self.gauges: list[Gauge] = []
 
     def watch_engine(self, engine) -> None:
@@ -104,9 +110,14 @@ class ServeMetrics:
             Gauge("llama3_queue_depth", "Requests accepted but not yet decoding", lambda: engine.num_waiting),
             Gauge("llama3_running_requests", "Requests being decoded", lambda: engine.num_running),
             Gauge("llama3_max_batch", "Most requests decoded together", lambda: engine.max_batch),
+            Gauge("llama3_kv_cache_blocks_used", "KV-cache blocks held by requests", lambda: engine.pool.num_used),
+            Gauge("llama3_kv_cache_blocks", "KV-cache blocks in all", lambda: engine.pool.num_blocks - 1),
+            Gauge("llama3_prefix_cache_hit_rate", "Share of admitted prompt tokens found in the prefix cache",
+                  lambda: self.prefix_cache_hits.value() / max(self.prefix_cache_queries.value(), 1)),
         ]
 
     def render(self) -> str:
-        metrics = [self.requests, self.prompt_tokens, self.generation_tokens, self.request_latency,
+        metrics = [self.requests, self.prompt_tokens, self.generation_tokens, self.prefix_cache_queries,
+                   self.prefix_cache_hits, self.preemptions, self.request_latency,
                    self.time_to_first_token, self.batch_size, *self.gauges]
         return "\n".join(line for m in metrics for line in m.render()) + "\n"

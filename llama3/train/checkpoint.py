@@ -57,13 +57,9 @@ class ModelState(Stateful):
 def trained_state_dict(model: nn.Module, options: StateDictOptions | None = None) -> dict:
     options = options or StateDictOptions()
     state = get_model_state_dict(model, options=StateDictOptions(**{**vars(options), "ignore_frozen_params": True}))
-    buffers = {_clean_name(n) for n, _ in model.named_buffers()}
+    # buffer names as state dicts give them: without activation checkpointing's wrapper
+    buffers = {n.replace("_checkpoint_wrapped_module.", "") for n, _ in model.named_buffers()}
     return {k: v for k, v in state.items() if k not in buffers}
-
-
-def _clean_name(name: str) -> str:
-    """A module name as state dicts give it: without activation checkpointing's wrapper."""
-    return name.replace("_checkpoint_wrapped_module.", "")
 
 
 class OptimizerState(Stateful):
@@ -249,6 +245,10 @@ class Checkpointer:
             except CheckpointMismatch:  # a valid checkpoint of another configuration: not corrupt, not ours to skip
                 raise
             except (Exception, CheckpointException) as e:  # e.g. a file DCP cannot parse despite its checksum
+                if "Missing key in checkpoint" in _first_line(e):  # intact, but holds other state than this run's
+                    raise CheckpointMismatch(
+                        f"{self.path(step)}: this checkpoint cannot be continued by this version or configuration "
+                        f"({_first_line(e)}); start a new run directory or set checkpoint.resume=false") from None
                 self._quarantine(step, f"load failed: {_first_line(e)}")
 
     def _load(self, path: Path) -> None:

@@ -86,7 +86,9 @@ def corrupt_file(checkpoint: Path) -> Path:
 
 
 def local_tensors(parts: list[nn.Module]) -> list[torch.Tensor]:
-    return [p.to_local() if isinstance(p, DTensor) else p for part in parts for p in part.parameters()]
+    """This rank's shards of the trained parameters: what a checkpoint holds, so what a rollback can restore."""
+    return [p.to_local() if isinstance(p, DTensor) else p for part in parts for p in part.parameters()
+            if p.requires_grad]
 
 
 @torch.no_grad()

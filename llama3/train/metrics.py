@@ -160,17 +160,14 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-STEP_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "tflops_per_device", "mfu",
-             "peak_mem_gib", "step_time_s", "tokens_seen", "time", "replayed")
-
-
 def format_record(r: dict) -> str:
     """One console line; an objective's own statistics (DPO's reward margin and accuracy) follow the loss."""
-    extra = " | ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in r.items() if k not in STEP_KEYS + ("val_loss",))
     if "val_loss" in r:
-        return " | ".join([f"step {r['step']:>6}", f"val loss {r['val_loss']:.4f}"] + ([extra] if extra else []))
-    parts = [f"step {r['step']:>6}", f"loss {r['loss']:.4f}", *([extra] if extra else []), f"lr {r['lr']:.2e}",
-             f"gnorm {r['grad_norm']:.3f}", f"{r['tokens_per_s']:,.0f} tok/s ({r['tokens_per_s_per_device']:,.0f}/dev)",
+        return " | ".join([f"step {r['step']:>6}", *(f"{k.replace('_', ' ')} {v:.4f}" for k, v in r.items()
+                                                      if k not in ("step", "time", "replayed"))])
+    extra = [f"{k} {v:.3f}" for k, v in r.items() if k in ("chosen_reward", "rejected_reward", "margin", "accuracy")]
+    parts = [f"step {r['step']:>6}", f"loss {r['loss']:.4f}", *extra, f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm']:.3f}",
+             f"{r['tokens_per_s']:,.0f} tok/s ({r['tokens_per_s_per_device']:,.0f}/dev)",
              f"{r['tflops_per_device']:.3g} TFLOP/s/dev", f"MFU {100 * r['mfu']:.1f}%",
              f"mem {r['peak_mem_gib']:.2f} GiB", f"{r['step_time_s']:.2f}s"]
     return " | ".join(parts) + (" (replayed)" if r.get("replayed") else "")

@@ -66,6 +66,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: 
     """Megatron-style TP with sequence parallel: the residual stream between blocks is split over the sequence
     (Shard(1)); attention and feed-forward gather it, run on their share of heads / hidden units, and
     reduce-scatter back. With loss_parallel the logits stay split over the vocabulary into the loss."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     top = {}
     if model.tok_embeddings is not None:
         top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
@@ -93,6 +94,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: 
                      "feed_forward.w3", "feed_forward.w2"):
             block_plan.update(projection_plan(block, name))
         parallelize_module(block, tp_mesh, block_plan)
+    for name, p in model.named_parameters():  # SequenceParallel's replicated parameters come back trainable
+        if name in frozen:
+            p.requires_grad_(False)
 
 
 def projection_plan(block: nn.Module, name: str) -> dict:

@@ -88,13 +88,8 @@ class Pretraining:
         return flops_per_token(self.args, self.cfg.data.seq_len)
 
     def describe(self, trainer) -> str:
-        layout, cfg = trainer.layout, self.cfg
-        return (f"training {cfg.model.preset} ({self.args.num_params() / 1e6:.1f}M parameters) on "
-                f"{trainer.world_size} {trainer.device.type} process(es): dp_replicate={layout.dp_replicate} "
-                f"dp_shard={layout.dp_shard} tp={layout.tp} pp={layout.pp}, {cfg.training.batch_size} x "
-                f"{cfg.data.seq_len} tokens per step (micro batch {layout.micro_batch_size}, {layout.grad_accum} "
-                f"accumulation), {trainer.dtype}, peak {trainer.peak_flops / 1e12:.3g} TFLOP/s per device -> "
-                f"{trainer.run_dir}")
+        return (f"training {self.cfg.model.preset} ({self.args.num_params() / 1e6:.1f}M parameters), "
+                f"{self.cfg.data.seq_len} tokens per sequence")
 
     def export(self, trainer) -> Path | None:
         """Write the trained model where `llama3.load` and `llama3 chat` read it (Hugging Face layout)."""

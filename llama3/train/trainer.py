@@ -161,32 +161,28 @@ class NextTokenLoss:
 
 
 class Task(Protocol):
-    """What the loop is told by the kind of training it runs (pretrain.py, llama3/finetune/tasks.py)."""
+    """What the loop is told by the kind of training it runs (pretrain.py, llama3/finetune/tasks.py).
+
+    build_model(device, dtype): the whole model with its starting weights and its transform (LoRA, a 4-bit base)
+    applied, before parallelization. build_data(layout, dp_rank): sets train_data, an endless iterator of raw
+    micro-batches for this data-parallel rank with state_dict / load_state_dict. val_batches(): the raw
+    micro-batches of one validation, the same every time, as (raw, counts) pairs (counts False: a batch that only
+    keeps this rank in step with the others). collate(raw) -> Batch. flops_per_token(mean row length) for MFU.
+    describe(trainer) -> what is trained. export(trainer) -> where the result was written (rank 0)."""
 
     args: ModelArgs
     tokenizer: object  # shipped with the export; None for synthetic data
-    objective: NextTokenLoss  # or DPOLoss: count(batch), loss(forward, batch) -> (summed loss, summed stats)
+    objective: NextTokenLoss  # or DPOLoss: count(batch), loss(forward, batch) -> (summed loss, summed statistics)
     document_masking: bool  # attention stays inside each document of a row (the positions restart)
-    train_data: object  # endless iterator of raw micro-batches with state_dict / load_state_dict
+    train_data: object
 
     def default_run_dir(self) -> str: ...
-
-    def build_model(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        """The whole model with its starting weights and transform (LoRA, 4-bit base), before parallelization."""
-
-    def build_data(self, layout: Layout, dp_rank: int) -> None:
-        """Set train_data for this data-parallel rank."""
-
-    def val_batches(self):
-        """The raw micro-batches of one validation, the same every time: (raw, counts); counts False for a batch
-        that only keeps this rank in step with the others."""
-
+    def build_model(self, device: torch.device, dtype: torch.dtype) -> nn.Module: ...
+    def build_data(self, layout: Layout, dp_rank: int) -> None: ...
+    def val_batches(self): ...
     def collate(self, raw) -> Batch: ...
-
     def flops_per_token(self, seq_len: float) -> float: ...
-
     def describe(self, trainer: Trainer) -> str: ...
-
     def export(self, trainer: Trainer) -> Path | None: ...
 
 
@@ -246,6 +242,8 @@ class Trainer:
 
         self.step = 0
         self.losses: list[float] = []  # of the steps this process ran
+        self.output: Path | None = None  # what the task exported
+        self.peak_mem_gib, self.timed_tokens, self.timed_s = 0.0, 0.0, 0.0
         self.val_losses: list[tuple[int, float]] = []  # (step, validation loss)
         self.injector = FaultInjector(cfg.faults.inject, self.run_dir, self.rank)
         self.guard = LossGuard(cfg.faults.spike_zscore, cfg.faults.spike_window)
@@ -404,7 +402,7 @@ class Trainer:
         """Train to training.steps; returns the per-step losses of this call."""
         cfg = self.cfg
         if self.writer is not None:
-            self.writer.print(self.task.describe(self))
+            self.writer.print(self.describe())
         if cfg.eval.at_start and cfg.eval.every >= 0 and self.step == 0:
             self.log_validation()
         reset_peak_memory(self.device)
@@ -473,6 +471,9 @@ class Trainer:
 
     def log_step(self, record: dict, elapsed: float) -> None:
         tokens, rows = record.pop("tokens"), record.pop("rows")
+        self.peak_mem_gib = peak_memory_gib(self.device)
+        if len(self.losses) > 1:  # the first step pays for warm-up
+            self.timed_tokens, self.timed_s = self.timed_tokens + tokens, self.timed_s + elapsed
         if self.writer is None or not (self.step % self.cfg.training.log_every == 0 or self.step == 1):
             return
         flops = self.task.flops_per_token(tokens / rows) * tokens / elapsed / self.world_size
@@ -480,8 +481,12 @@ class Trainer:
             "step": self.step, **record, "tokens_per_s": tokens / elapsed,
             "tokens_per_s_per_device": tokens / elapsed / self.world_size,
             "tflops_per_device": flops / 1e12, "mfu": flops / self.peak_flops,
-            "peak_mem_gib": peak_memory_gib(self.device), "step_time_s": elapsed,
+            "peak_mem_gib": self.peak_mem_gib, "step_time_s": elapsed,
             "tokens_seen": self.step * tokens})
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.timed_tokens / self.timed_s if self.timed_s else 0.0
 
     def log_validation(self) -> None:
         val = self.validate()
@@ -581,6 +586,13 @@ class Trainer:
                           rank=",".join(map(str, sorted(set(bad)))))
         self.rollback(f"parameter fingerprints of data-parallel replicas differ (ranks {sorted(set(bad))})")
         return True
+
+    def describe(self) -> str:
+        layout = self.layout
+        return (f"{self.task.describe(self)}; {self.world_size} {self.device.type} process(es): dp_replicate="
+                f"{layout.dp_replicate} dp_shard={layout.dp_shard} tp={layout.tp} pp={layout.pp}, batch "
+                f"{self.cfg.training.batch_size} (micro {layout.micro_batch_size}, {layout.grad_accum} accumulation), "
+                f"{self.dtype}, peak {self.peak_flops / 1e12:.3g} TFLOP/s per device -> {self.run_dir}")
 
     def full_state_dict(self, trained_only: bool = False) -> dict[str, Tensor]:
         """The whole unsharded model (or only what trains) on rank 0; empty elsewhere. Collective."""

@@ -75,10 +75,11 @@ _BOOKKEEPING_KEYS = frozenset({
     "return_dict", "id2label", "label2id", "problem_type", "tokenizer_class", "task_specific_params",
     "_attn_implementation_autoset", "max_length", "min_length", "do_sample", "temperature", "top_p", "top_k",
     "num_beams", "repetition_penalty", "early_stopping", "num_return_sequences", "chunk_size_feed_forward",
+    "is_llama_config", "transformers.js_config",  # SmolLM2's
 })
 # Keys whose only supported value is the one Llama 3 uses.
 _FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1,
-          "attention_dropout": 0.0}
+          "attention_dropout": 0.0, "rope_interleaved": False}
 _ROPE_KEYS = {"default": {"rope_type", "rope_theta"},
               "llama3": {"rope_type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
                          "original_max_position_embeddings"}}

@@ -5,7 +5,7 @@ import time
 from data_testkit import TOKENIZER
 from llama3.data import TokenLoader, TokenShards, default_corpus_dir, prepare_default_corpus
 from llama3.data.default_corpus import stdlib_documents
-from llama3.data.prepare import add_data_parser, cli_data
+from llama3.data.cli import add_data_parser, cli_data
 
 
 def test_stdlib_documents_are_module_docstrings(tmp_path):

@@ -10,7 +10,8 @@ import pytest
 import llama3.data.prepare as prepare_module
 import llama3.data.shards as shards_module
 from llama3.data import DataError, InputOptions, MinHashConfig, PrepareConfig, QualityConfig, TokenShards
-from llama3.data.prepare import add_data_parser, cli_data, prepare
+from llama3.data.cli import add_data_parser, cli_data
+from llama3.data.prepare import prepare
 from data_testkit import TOKENIZER, make_document
 
 NO_FILTERS = PrepareConfig(quality=QualityConfig.off())

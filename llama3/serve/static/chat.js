@@ -1,19 +1,53 @@
-// The chat page: keeps the conversation in memory, streams replies from /v1/chat/completions (server-sent
-// events over fetch), and stops a reply by aborting its request (the server then cancels the generation).
+// The chat page: keeps the conversation in this browser's local storage (it survives a reload until "New chat"),
+// streams replies from /v1/chat/completions (server-sent events over fetch), renders them as Markdown
+// (markdown.js: DOM nodes, never HTML), and stops a reply by aborting its request (the server then cancels the
+// generation). While a reply streams the page follows its end, keeping it above the composer, until the user
+// scrolls up; scrolling back to the bottom follows again.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const conversation = $("conversation"), input = $("input"), sendButton = $("send"), stopButton = $("stop");
 const systemBox = $("system"), keyBox = $("api-key"), statusLine = $("status");
 
+const CONVERSATION = "llama3.conversation";
 let modelName = null;
-let messages = [];      // [{role, content}] of this chat, without the system prompt
+let messages = loadConversation();  // [{role, content}] of this chat, without the system prompt
 let controller = null;  // AbortController of the reply being streamed
+let following = true;   // keep the newest text in view
+
+function loadConversation() {
+  try {
+    const stored = JSON.parse(localStorage.getItem(CONVERSATION) || "[]");
+    const valid = Array.isArray(stored) && stored.every((m) => m && typeof m.content === "string" &&
+                                                           (m.role === "user" || m.role === "assistant"));
+    if (!valid) return [];
+    // A reload mid-reply leaves a question without an answer: drop it so turns keep alternating.
+    while (stored.length && (stored.at(-1).role === "user" || !stored.at(-1).content)) stored.pop();
+    return stored;
+  } catch {
+    return [];
+  }
+}
+
+function saveConversation() {
+  try { localStorage.setItem(CONVERSATION, JSON.stringify(messages)); } catch { /* storage full or disabled */ }
+}
+
+function atBottom() {
+  return window.innerHeight + window.scrollY >= document.documentElement.scrollHeight - 24;
+}
+
+function followEnd() {
+  if (following) window.scrollTo(0, document.documentElement.scrollHeight);
+}
+
+window.addEventListener("scroll", () => { following = atBottom(); }, { passive: true });
 
 // Settings survive a reload (this browser only).
-for (const [box, key] of [[systemBox, "llama3.system"], [keyBox, "llama3.apiKey"]]) {
-  box.value = localStorage.getItem(key) || "";
-  box.addEventListener("change", () => localStorage.setItem(key, box.value));
+for (const [box, key] of [[systemBox, "llama3.system"], [keyBox, "llama3.apiKey"],
+                          [$("temperature"), "llama3.temperature"], [$("max-tokens"), "llama3.maxTokens"]]) {
+  box.value = localStorage.getItem(key) ?? box.value;
+  box.addEventListener("input", () => localStorage.setItem(key, box.value));
 }
 keyBox.addEventListener("change", loadModel);
 
@@ -45,12 +79,17 @@ async function loadModel() {
   }
 }
 
+function show(div, role, text) {
+  if (role === "assistant") div.replaceChildren(renderMarkdown(text));
+  else div.textContent = text;  // what the user typed, as typed
+}
+
 function bubble(role, text) {
   const div = document.createElement("div");
   div.className = "message " + role;
-  div.textContent = text;  // text only: model output is never interpreted as HTML
+  show(div, role, text);
   conversation.appendChild(div);
-  div.scrollIntoView({ block: "end" });
+  followEnd();
   return div;
 }
 
@@ -98,10 +137,11 @@ async function send(text) {
   if (!modelName) await loadModel();
   if (!modelName) return;
   const chat = messages;  // "New chat" may replace `messages` while this reply streams
+  const reply = { role: "assistant", content: "" };
   chat.push({ role: "user", content: text });
   if (chat.length === 1) conversation.replaceChildren();
+  following = true;
   bubble("user", text);
-  const reply = { role: "assistant", content: "" };
   const div = bubble("assistant", "");
   div.classList.add("streaming");
   controller = new AbortController();
@@ -121,16 +161,21 @@ async function send(text) {
         stream: true,
         temperature: Number($("temperature").value),
         max_tokens: Number($("max-tokens").value),
+        frequency_penalty: Number($("frequency-penalty").value),
+        presence_penalty: Number($("presence-penalty").value),
+        repeat_penalty: Number($("repeat-penalty").value),
       }),
     });
     if (!response.ok) throw new Error(await errorMessage(response));
+    chat.push(reply);
     for await (const chunk of serverSentEvents(response)) {
       if (chunk.error) throw new Error(chunk.error.message);
       const choice = chunk.choices[0];
       if (choice.delta.content) {
         reply.content += choice.delta.content;
-        div.textContent = reply.content;
-        div.scrollIntoView({ block: "end" });
+        show(div, "assistant", reply.content);
+        if (chat === messages) saveConversation();
+        followEnd();
       }
       if (choice.finish_reason) finish = choice.finish_reason;
     }
@@ -145,12 +190,12 @@ async function send(text) {
     }
   } finally {
     div.classList.remove("streaming");
-    if (reply.content) {
-      chat.push(reply);
-    } else {  // nothing came back: forget the question too, so user and assistant turns keep alternating
-      chat.pop();
+    if (!reply.content) {  // nothing came back: forget the question too, so user and assistant turns keep alternating
+      chat.splice(chat.at(-1) === reply ? -2 : -1);
       if (!div.classList.contains("error")) div.remove();
     }
+    if (chat === messages) saveConversation();
+    followEnd();
     controller = null;
     setBusy(false);
     input.focus();
@@ -177,6 +222,7 @@ stopButton.addEventListener("click", () => controller && controller.abort());
 $("new-chat").addEventListener("click", () => {
   if (controller) controller.abort();
   messages = [];
+  saveConversation();
   statusLine.textContent = "";
   render();
   input.focus();
