@@ -30,7 +30,6 @@ Kernel-specific packing happens when a model is built for a device.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F

@@ -36,6 +36,13 @@ def default_gguf_path():
 
 
 @pytest.fixture(scope="session")
+def default_llm(default_gguf_path):
+    """The default model loaded once for every test module that serves or samples it."""
+    import llama3
+    return llama3.load(default_gguf_path)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, default_gguf_path):
     """A random 2-layer model with the default model's tokenizer (49152 tokens) and ChatML template, in HF layout."""
     from llama3.export import save_checkpoint

@@ -5,7 +5,6 @@ timeout."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import socket
@@ -27,15 +26,9 @@ KEY = "sk-test-key"
 CONTEXT = 512  # a short context keeps the KV cache small and "prompt over the context" cheap to send
 
 
-@functools.cache
-def default_llm():
-    import llama3
-    return llama3.load(DEFAULT_MODEL)
-
-
 @pytest.fixture(scope="module")
-def llm(default_gguf_path):
-    return default_llm()
+def llm(default_llm):
+    return default_llm
 
 
 def start(llm, **config) -> BackgroundServer:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_serve_api import default_llm, slowed, start
+from test_serve_api import slowed, start
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -26,8 +26,8 @@ PHONE, DESKTOP = {"width": 390, "height": 700}, {"width": 1280, "height": 800}
 
 
 @pytest.fixture(scope="module")
-def llm(default_gguf_path):
-    return default_llm()
+def llm(default_llm):
+    return default_llm
 
 
 @pytest.fixture(scope="module")

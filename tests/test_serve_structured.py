@@ -3,13 +3,11 @@ server on a free loopback port, with the default model; values checked against a
 
 from __future__ import annotations
 
-import functools
 import json
 
 import pytest
 import torch
 
-from llama3.hub import DEFAULT_MODEL
 from llama3.serve.app import BackgroundServer, ServeConfig, create_app
 
 openai = pytest.importorskip("openai")
@@ -27,15 +25,9 @@ TIME = {"type": "function", "function": {"name": "get_time", "description": "The
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@functools.cache
-def default_llm():
-    import llama3
-    return llama3.load(DEFAULT_MODEL)
-
-
 @pytest.fixture(scope="module")
-def llm(default_gguf_path):
-    return default_llm()
+def llm(default_llm):
+    return default_llm
 
 
 @pytest.fixture(scope="module")
