@@ -4,7 +4,6 @@ function-level imports included: a deferred import is still a dependency)."""
 import ast
 from pathlib import Path
 
-import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "llama3"
 # The loading pipe: formats below, quantization above them, model building and llama3.load above both, export
@@ -85,6 +84,5 @@ def test_loading_is_a_one_way_pipe():
         assert not graph[m] & {"llama3.quantize", "llama3.llama", "llama3.export"}, m
 
 
-@pytest.mark.xfail(strict=True, reason="data.default_corpus <-> data.prepare is still a circle")
 def test_package_has_no_import_circles():
     assert import_circles(import_graph()) == []
