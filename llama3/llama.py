@@ -144,7 +144,8 @@ def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, devi
          quantize: str | None = None, group_size: int = 32, compile: bool = False, prepack: bool = False) -> Llama:
     """Load a Meta directory, HF directory, .gguf file, llama3 quantized directory, or a known model name (pulled
     on first use). quantize="int8" or "int4" quantizes the weights while loading (GGUF 4-bit blocks are kept as
-    they are); the model then computes in bf16. compile=True compiles the decoding step with torch.compile on
+    they are); the model then computes in bf16, or in fp32 on CPUs without fast bf16 (AVX2-only:
+    quantize.compute_dtype). compile=True compiles the decoding step with torch.compile on
     first use (tens of seconds once; faster tokens after). prepack=True reorders an fp32 CPU model's linear
     weights for oneDNN (llama3/fast.py: faster prompts and speculative checks; inference only; no effect on other
     dtypes, devices or quantized models)."""

@@ -344,3 +344,37 @@ def test_lm_eval_local_completions_equals_llama3_eval(server, llm, tmp_path):
     samples = sorted(out["samples"]["sample_mmlu_college_biology"], key=lambda s: s["doc_id"])
     for theirs, ours in zip(samples, mine.samples, strict=True):
         assert [float(r[0]) for r in theirs["filtered_resps"]] == pytest.approx(ours["logprobs"], abs=1e-3)
+
+
+@pytest.mark.long
+def test_lm_eval_local_chat_completions_runs_a_generative_task(server, llm, tmp_path):
+    """lm-eval's local-chat-completions model runs a generate_until task (GSM-8K layout) through
+    /v1/chat/completions: each greedy reply equals our own chat on the same message, cut at the task's stop."""
+    lm_eval = pytest.importorskip("lm_eval")
+    import lm_eval.models  # noqa: F401  (registers local-chat-completions)
+    from lm_eval.tasks import TaskManager
+
+    from llama3.eval.tasks import SAMPLES_DIR
+    data = SAMPLES_DIR / "gsm8k" / "test.jsonl"
+    (tmp_path / "gsm.yaml").write_text(
+        "task: sample_gsm8k_chat\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: generate_until\n"
+        "doc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        "doc_to_target: \"{{answer.split('####')[-1].strip()}}\"\n"
+        "generation_kwargs:\n  until: [\"Question:\"]\n  max_gen_toks: 24\n  do_sample: false\n  temperature: 0.0\n"
+        "metric_list:\n  - metric: exact_match\n")
+    out = lm_eval.simple_evaluate(
+        model="local-chat-completions", tasks=["sample_gsm8k_chat"], limit=2, apply_chat_template=True,
+        log_samples=True, bootstrap_iters=0,
+        model_args={"model": llm.name, "base_url": server.url + "/v1/chat/completions", "num_concurrent": 1},
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
+    assert "exact_match,none" in out["results"]["sample_gsm8k_chat"]
+    rows = [json.loads(line) for line in data.read_text().splitlines()[:2]]
+    samples = sorted(out["samples"]["sample_gsm8k_chat"], key=lambda s: s["doc_id"])
+    for row, sample in zip(rows, samples, strict=True):
+        mine = llm.chat([{"role": "user", "content": f"Question: {row['question']}\nAnswer:"}],
+                        max_new_tokens=24, stop=["Question:"])
+        assert sample["resps"][0][0] == mine and mine.strip()
