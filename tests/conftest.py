@@ -39,7 +39,8 @@ def default_gguf_path():
 def default_llm(default_gguf_path):
     """The default model loaded once for every test module that serves or samples it."""
     import llama3
-    return llama3.load(default_gguf_path)
+    from llama3.hub import DEFAULT_MODEL
+    return llama3.load(DEFAULT_MODEL)  # by name: the server then calls it by its known name
 
 
 @pytest.fixture(scope="session")
