@@ -150,14 +150,19 @@ def test_streaming_keeps_the_end_above_the_composer_until_the_user_scrolls_up(br
             assert in_view(page, "#status")
 
 
+def send_greedy(page, text: str, max_tokens: int) -> None:
+    """Set greedy sampling and a token limit in Settings, then send `text`."""
+    page.click("#settings summary")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", str(max_tokens))
+    page.click("#settings summary")
+    page.fill("#input", text)
+    page.click("#send")
+
+
 def test_status_line_is_visible_after_a_long_reply(browser, server, llm):
     for page in open_page(browser, server, PHONE):
-        page.click("#settings summary")
-        page.fill("#temperature", "0")
-        page.fill("#max-tokens", "120")
-        page.click("#settings summary")
-        page.fill("#input", "Write a poem about the sea.")
-        page.click("#send")
+        send_greedy(page, "Write a poem about the sea.", max_tokens=120)
         sync_api.expect(page.locator("#status")).to_have_text("Stopped at the token limit.", timeout=120_000)
         assert in_view(page, "#status") and in_view(page, ".message.assistant")
 
@@ -201,12 +206,7 @@ def test_markdown_is_rendered_as_elements_never_as_html(page):
 @pytest.mark.parametrize("viewport", [PHONE, DESKTOP], ids=["phone", "desktop"])
 def test_screenshots_at_phone_and_desktop_widths(browser, server, llm, viewport):
     for page in open_page(browser, server, viewport):
-        page.click("#settings summary")
-        page.fill("#temperature", "0")
-        page.fill("#max-tokens", "160")
-        page.click("#settings summary")
-        page.fill("#input", "Write a Python function that reverses a string, with a short explanation.")
-        page.click("#send")
+        send_greedy(page, "Write a Python function that reverses a string, with a short explanation.", max_tokens=160)
         sync_api.expect(page.locator(".message.assistant.streaming")).to_have_count(0, timeout=120_000)
         assert page.locator(".message.assistant pre code").count() >= 1  # the model's code block, rendered
         assert page.evaluate("document.documentElement.scrollWidth <= innerWidth")  # nothing wider than a phone
