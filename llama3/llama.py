@@ -141,30 +141,77 @@ class Llama:
 
 
 def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu", *,
-         quantize: str | None = None, group_size: int = 32, compile: bool = False, prepack: bool = False) -> Llama:
+         quantize: str | None = None, group_size: int = 32, compile: bool = False, prepack: bool = False,
+         cache: bool = True) -> Llama:
     """Load a Meta directory, HF directory, .gguf file, llama3 quantized directory, or a known model name (pulled
     on first use). quantize="int8" or "int4" quantizes the weights while loading (GGUF 4-bit blocks are kept as
     they are); the model then computes in bf16, or in fp32 on CPUs without fast bf16 (AVX2-only:
     quantize.compute_dtype). compile=True compiles the decoding step with torch.compile on
     first use (tens of seconds once; faster tokens after). prepack=True reorders an fp32 CPU model's linear
     weights for oneDNN (llama3/fast.py: faster prompts and speculative checks; inference only; no effect on other
-    dtypes, devices or quantized models)."""
+    dtypes, devices or quantized models). cache=True keeps what loading a GGUF file for the CPU converted (the
+    model's tensors as built, the tokenizer) under $LLAMA3_HOME/converted, so that later loads of the unchanged file
+    with the same options memory-map it (llama3/weights/cache.py)."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     path = resolve(source)
-    if quantize:
-        from .quantize import quantize_checkpoint
-        ckpt = quantize_checkpoint(read_checkpoint(path, blocks=True), quantize, group_size)
+    store = _converted_cache(path, dtype, device, quantize, group_size) if cache else None
+    cached = store.load(_restore_model) if store else None
+    if cached:
+        model, tokenizer, template = cached
     else:
-        ckpt = read_checkpoint(path)
-    if ckpt.tokenizer is None:
-        raise WeightsError(f"{path}: no tokenizer found next to the weights")
-    model = build_model(ckpt, dtype, device, str(path))
+        if quantize:
+            from .quantize import quantize_checkpoint
+            ckpt = quantize_checkpoint(read_checkpoint(path, blocks=True), quantize, group_size)
+        else:
+            ckpt = read_checkpoint(path)
+        if ckpt.tokenizer is None:
+            raise WeightsError(f"{path}: no tokenizer found next to the weights")
+        tokenizer, template = ckpt.tokenizer, ckpt.chat_template
+        model = build_model(ckpt, dtype, device, str(path))
+        if store:
+            store.save(_model_snapshot(model, template), tokenizer)
     if prepack:
         from .fast import can_prepack, prepack as prepack_linears
         if can_prepack(model):
             prepack_linears(model)
     from .tokenizer import chat_format_for
-    chat_format = chat_format_for(ckpt.tokenizer, ckpt.chat_template)
-    return Llama(model, ckpt.tokenizer, chat_format, name=str(source) if isinstance(source, str) else Path(source).name,
+    chat_format = chat_format_for(tokenizer, template)
+    return Llama(model, tokenizer, chat_format, name=str(source) if isinstance(source, str) else Path(source).name,
                  compile=compile)
+
+
+def _converted_cache(path: Path, dtype, device, quantize: str | None, group_size: int):
+    """The cache entry for loading this file so, if it is a GGUF file loaded for the CPU (the formats whose loading
+    converts; safetensors and Meta checkpoints are memory-mapped as they are)."""
+    from .weights import detect_format
+    from .weights.cache import ConvertedCache
+    if torch.device(device).type != "cpu" or not path.is_file() or detect_format(path) != "gguf":
+        return None
+    from .hub import home
+    options = {"dtype": str(dtype), "quantize": quantize, "group_size": group_size if quantize else None}
+    return ConvertedCache(home() / "converted", path, options)
+
+
+def _model_snapshot(model: Transformer, chat_template: str | None) -> dict:
+    """The built model's tensors (quantized modules with their kernel layouts) and what rebuilds it around them."""
+    from .quantize import QUANTIZED_MODULES, module_state
+    modules = {name: module_state(m) for name, m in model.named_modules()
+               if type(m).__name__ in QUANTIZED_MODULES}
+    inside = tuple(f"{name}." for name in modules)
+    tensors = {k: v for k, v in model.state_dict().items() if not k.startswith(inside)}
+    return {"args": model.args.to_dict(), "chat_template": chat_template, "modules": modules, "tensors": tensors}
+
+
+def _restore_model(snapshot: dict, tokenizer) -> tuple[Transformer, object, str | None]:
+    from .quantize import restore_module
+    model = meta_model(ModelArgs.from_dict(snapshot["args"]))
+    for name, state in snapshot["modules"].items():
+        model.set_submodule(name, restore_module(state))
+    model.load_state_dict(snapshot["tensors"], strict=False, assign=True)
+    if model.args.tie_embeddings and "output" not in snapshot["modules"]:
+        model.output.weight = model.tok_embeddings.weight
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise WeightsError(f"tensors missing: {missing[:5]}")
+    return model.eval().requires_grad_(False), tokenizer, snapshot["chat_template"]

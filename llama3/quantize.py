@@ -251,6 +251,26 @@ class Int8Embedding(nn.Module):
         return F.embedding(tokens, self.weight).to(self.scales.dtype) * self.scales[tokens].unsqueeze(-1)
 
 
+QUANTIZED_MODULES = {cls.__name__: cls for cls in (Int8Linear, Int4Linear, Int8Embedding)}
+
+
+def module_state(module: nn.Module) -> dict:
+    """A quantized module as built for its device (kernel layouts included): its class, sizes and buffers, for
+    `restore_module` to rebuild it without converting anything again (llama3/weights/cache.py keeps these)."""
+    sizes = {k: v for k, v in vars(module).items() if type(v) is int}
+    persistent = [k for k in module._buffers if k not in module._non_persistent_buffers_set]
+    return {"kind": type(module).__name__, "sizes": sizes, "buffers": dict(module._buffers), "persistent": persistent}
+
+
+def restore_module(state: dict) -> nn.Module:
+    module = nn.Module.__new__(QUANTIZED_MODULES[state["kind"]])
+    nn.Module.__init__(module)
+    vars(module).update(state["sizes"])
+    for name, t in state["buffers"].items():
+        module.register_buffer(name, t, persistent=name in state["persistent"])
+    return module.eval()
+
+
 # ---- state dicts: float or GGUF blocks -> portable quantized tensors -> model ---------------------------------------
 
 def is_layer_linear(name: str) -> bool:
