@@ -189,7 +189,9 @@ def _converted_cache(path: Path, dtype, device, quantize: str | None, group_size
     if torch.device(device).type != "cpu" or not path.is_file() or detect_format(path) != "gguf":
         return None
     from .hub import home
-    options = {"dtype": str(dtype), "quantize": quantize, "group_size": group_size if quantize else None}
+    from .fast import avx2_kernels  # whether quantized modules were built in our kernels' layout
+    options = {"dtype": str(dtype), "quantize": quantize, "group_size": group_size if quantize else None,
+               "kernels": "avx2" if quantize and avx2_kernels() else "torch"}
     return ConvertedCache(home() / "converted", path, options)
 
 

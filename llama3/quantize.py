@@ -38,6 +38,7 @@ from torch import Tensor, nn
 import gguf.quants
 
 from .args import ModelArgs
+from .fast import avx2_kernels, int4_dequantize_avx2, int4_linear_avx2, int8_linear_avx2
 from .model import Transformer, meta_model
 from .weights import Checkpoint
 from .weights.gguf import GGUFTensor, dequantize
@@ -46,6 +47,7 @@ SCHEMES = ("int8", "int4")
 SCALE_DTYPE = torch.bfloat16  # portable scales, and the activations of torch's CPU int8/int4 kernels (10-40x slower
 #                               with fp32 activations)
 DEQUANTIZE_ABOVE_ROWS = 32  # AVX2: more rows than this dequantize to fp32 (measured crossover 16-64 rows)
+AVX2_KERNEL_ROWS = 8  # AVX2 with our int8-activation kernels: up to this many rows use them, more dequantize
 _ROWS_PER_CHUNK = 4096  # quantize big matrices a slice of rows at a time so fp32 temporaries stay small
 _TILE_WEIGHTS = 1 << 20  # weights per dequantized fp32 tile (4 MB: stays in cache for the matmul that reads it)
 
@@ -133,17 +135,21 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: Tensor, scales: Tensor):
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.kernel = _cpu_kernel(weight)
         self.register_buffer("weight", weight)  # (out, in) int8
         self.register_buffer("scales", scales)  # (out,) in the activation dtype
-        if weight.device.type == "cpu":  # the kernel wants its scales in its own (bf16) activation dtype
-            self.register_buffer("kernel_scales", scales.to(SCALE_DTYPE), persistent=False)
+        if self.kernel != "none":  # each kernel wants its scales in its own dtype (torch's: bf16)
+            self.register_buffer("kernel_scales", scales.to(torch.float32 if self.kernel == "avx2" else SCALE_DTYPE),
+                                 persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu":
             return F.linear(x, self.weight.to(x.dtype)) * self.scales
         x2 = x.reshape(-1, self.in_features)
-        if _dequantizes(x2):
-            out = _tiled_matmul(x2, self.out_features, self.dequantize_rows)
+        if self.kernel == "avx2" and x2.shape[0] <= AVX2_KERNEL_ROWS:
+            out = int8_linear_avx2(x2.float(), self.weight, self.kernel_scales)
+        elif _dequantizes(x2) or self.kernel == "avx2":
+            out = _tiled_matmul(x2.float(), self.out_features, self.dequantize_rows)
         else:
             out = torch.ops.aten._weight_int8pack_mm(x2.to(SCALE_DTYPE), self.weight, self.kernel_scales)
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -158,7 +164,12 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
         self.group_size = group_size
-        if packed.device.type == "cpu":
+        self.kernel = _cpu_kernel(packed, group_size)
+        if self.kernel == "avx2":  # our kernel's layout (llama3/fast.py): 16 bytes a group, bf16 scales and zeros
+            self.register_buffer("weight", pack_groups_for_avx2(packed))
+            self.register_buffer("scales", scales.to(SCALE_DTYPE).contiguous())
+            self.register_buffer("zeros", zeros.to(SCALE_DTYPE).contiguous())
+        elif packed.device.type == "cpu":
             # The CPU kernel's own layouts: weights interleaved in blocks of rows, scales and zeros (in/g, out, 2).
             self.register_buffer("weight", pack_for_cpu_kernel(unpack_nibbles(packed)))
             self.register_buffer("scales_and_zeros",
@@ -172,7 +183,12 @@ class Int4Linear(nn.Module):
         if x.device.type != "cpu":
             return F.linear(x, dequantize_int4(self.weight, self.scales, self.zeros).to(x.dtype))
         x2 = x.reshape(-1, self.in_features)
-        if _dequantizes(x2) and _kernel_layout_rows(self.out_features):
+        if self.kernel == "avx2":
+            if x2.shape[0] <= AVX2_KERNEL_ROWS:
+                out = int4_linear_avx2(x2.float(), self.weight, self.scales, self.zeros)
+            else:
+                out = _tiled_matmul(x2.float(), self.out_features, self.dequantize_rows)
+        elif _dequantizes(x2) and _kernel_layout_rows(self.out_features):
             out = _tiled_matmul(x2, self.out_features, self.dequantize_rows)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(SCALE_DTYPE), self.weight, self.group_size,
@@ -181,6 +197,8 @@ class Int4Linear(nn.Module):
 
     def dequantize_rows(self, start: int, end: int, out: Tensor) -> Tensor:
         """fp32 weights of output rows start..end (whole blocks of the kernel's layout), written into `out`."""
+        if self.kernel == "avx2":
+            return int4_dequantize_avx2(self.weight, self.scales, self.zeros, start, end, out)
         block = _kernel_layout_rows(self.out_features)
         packed = self.weight[start:end].view(-1, self.in_features, block // 2)  # (row block, column, row in half)
         q = out.view(-1, 2, block // 2, self.in_features)  # (row block, low/high half, row in half, column)
@@ -190,6 +208,23 @@ class Int4Linear(nn.Module):
         scales, zeros = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]  # (rows, groups, 1)
         groups = out.view(end - start, -1, self.group_size)
         return torch.addcmul(zeros - 8 * scales, groups, scales, out=groups).view_as(out)
+
+
+def _cpu_kernel(weight: Tensor, group_size: int = 32) -> str:
+    """Which kernel decodes with this weight: "avx2" (ours, int8 activations: AVX2-only CPUs where it compiled),
+    "torch" (torch's int8/int4 kernels, bf16 activations) or "none" (not on the CPU)."""
+    if weight.device.type != "cpu":
+        return "none"
+    in_features = weight.shape[1] * (2 if weight.dtype == torch.uint8 else 1)
+    return "avx2" if group_size == 32 and in_features % 32 == 0 and avx2_kernels() else "torch"
+
+
+def pack_groups_for_avx2(packed: Tensor) -> Tensor:
+    """Portable nibbles (element 2i low, 2i+1 high) -> our AVX2 layout: per group of 32, byte j holds weight j
+    in the low nibble and weight j + 16 in the high one."""
+    q = unpack_nibbles(packed)
+    groups = q.view(q.shape[0], -1, 2, 16)
+    return (groups[:, :, 0] | (groups[:, :, 1] << 4)).reshape(q.shape[0], -1).contiguous()
 
 
 def _dequantizes(x: Tensor) -> bool:
@@ -257,7 +292,7 @@ QUANTIZED_MODULES = {cls.__name__: cls for cls in (Int8Linear, Int4Linear, Int8E
 def module_state(module: nn.Module) -> dict:
     """A quantized module as built for its device (kernel layouts included): its class, sizes and buffers, for
     `restore_module` to rebuild it without converting anything again (llama3/weights/cache.py keeps these)."""
-    sizes = {k: v for k, v in vars(module).items() if type(v) is int}
+    sizes = {k: v for k, v in vars(module).items() if type(v) in (int, str)}
     persistent = [k for k in module._buffers if k not in module._non_persistent_buffers_set]
     return {"kind": type(module).__name__, "sizes": sizes, "buffers": dict(module._buffers), "persistent": persistent}
 

@@ -35,8 +35,8 @@ FORMAT = 1
 _HEADER_BYTES = 1 << 20
 _PACKAGE = Path(__file__).resolve().parent.parent
 # The sources whose output an entry holds: a change in any of them makes every entry stale.
-_CONVERTING_SOURCES = ("weights/gguf.py", "weights/cache.py", "quantize.py", "model.py", "tokenizer.py", "llama.py",
-                       "args.py")
+_CONVERTING_SOURCES = ("weights/gguf.py", "weights/cache.py", "quantize.py", "fast.py", "model.py", "tokenizer.py",
+                       "llama.py", "args.py")
 
 
 def file_identity(path: Path) -> dict:
