@@ -6,7 +6,8 @@
 For each weight shape of a model (the default model, Llama 3.2 1B, Llama 3 8B) it times y = x @ W.T for x of M
 rows with every candidate kernel and prints microseconds and the ratio to fp32 (MKL). Weights are cycled through
 enough copies to exceed the L3 cache, so decode numbers are DRAM-bound as they are in a real decode step. The
-candidates are torch's kernels and our modules (llama3/quantize.py), which pick among them by instruction set.
+candidates are torch's kernels, our AVX2 int8-activation kernels (llama3/fast.py; AVX2-only CPUs) and our modules
+(llama3/quantize.py), which pick among them by instruction set.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from llama3 import quantize as q  # noqa: E402
-from llama3.fast import onednn_linear  # noqa: E402
+from llama3.fast import avx2_kernels, int4_linear_avx2, int8_linear_avx2, onednn_linear  # noqa: E402
 
 # (name, dim, ffn hidden, kv dim, vocab): the projections whose shapes differ.
 MODELS = {
@@ -48,12 +49,25 @@ def candidates(w: torch.Tensor, m: int) -> dict[str, tuple]:
     int8, int4 = q.Int8Linear(w8, s8.float()), q.Int4Linear(packed, scales, zeros, 32)
     x32 = torch.randn(m, w.shape[1])
     xbf = x32.bfloat16()
+    ours = {}
+    if avx2_kernels():  # our int8-activation kernels (AVX2-only CPUs), called directly
+        ours = {"avx2 int8 x int8": (int8_linear_avx2, (x32, w8, s8.float())),
+                "avx2 int4 x int8": (int4_linear_avx2, (x32, q.pack_groups_for_avx2(packed), scales, zeros))}
+    if int4.kernel != "torch":  # torch's int4 kernel wants its own layout
+        torch_int4 = q.Int4Linear.__new__(q.Int4Linear)
+        torch.nn.Module.__init__(torch_int4)
+        torch_int4.weight = q.pack_for_cpu_kernel(q.unpack_nibbles(packed))
+        torch_int4.scales_and_zeros = torch.stack((scales.t(), zeros.t()), dim=-1).to(q.SCALE_DTYPE).contiguous()
+    else:
+        torch_int4 = int4
     return {
         "fp32 mkl": (torch.nn.functional.linear, (x32, w)),
         "fp32 onednn prepacked": (onednn_linear, (x32, torch.ops.mkldnn._reorder_linear_weight(w, 512))),
         "int8 kernel bf16": (torch.ops.aten._weight_int8pack_mm, (xbf, w8, s8)),
         "int8 kernel fp32": (torch.ops.aten._weight_int8pack_mm, (x32, w8, s8.float())),
-        "int4 kernel bf16": (torch.ops.aten._weight_int4pack_mm_for_cpu, (xbf, int4.weight, 32, int4.scales_and_zeros)),
+        "int4 kernel bf16": (torch.ops.aten._weight_int4pack_mm_for_cpu,
+                             (xbf, torch_int4.weight, 32, torch_int4.scales_and_zeros)),
+        **ours,
         "llama3 int8": (int8, (x32,)),
         "llama3 int4": (int4, (x32,)),
     }
@@ -74,7 +88,7 @@ def time_call(fn, copies: list[tuple], repeats: int, clock) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="smollm2-135m,llama3.2-1b,llama3-8b")
-    p.add_argument("--rows", default="1,512", help="activation rows M: 1 = decode, 512 = a prompt")
+    p.add_argument("--rows", default="1,4,512", help="activation rows M: 1 = decode, 4 = a batch, 512 = a prompt")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()

@@ -9,7 +9,9 @@ tensor with the gguf package (the 8B one is 16 GB and never in memory whole; it 
 quantizations), then Q8_0 and Q4_K_M are made from it by llama.cpp's own quantizer (llama-cpp-python's
 `llama_model_quantize`). They are cached under ~/.cache/llama3/bench.
 
-Each file is measured by benchmarks/bench_inference.py: our engine for that file (F16: fp32, Q8_0: int8, Q4_K_M:
+Our engine first loads each file once in its own process with its conversion cache emptied ("first load": the
+conversion, written to the cache); then each file is measured by benchmarks/bench_inference.py, whose load of our
+engine is the second one (memory-mapped from the cache): our engine for that file (F16: fp32, Q8_0: int8, Q4_K_M:
 int4) and llama.cpp on the file itself, each in its own process, same prompt ids, thread count and token counts,
 alternating rounds. This script adds the fraction of the memory-bandwidth roof that decode reaches: the bytes of
 weights a token reads (every matrix but the embedding table, which is only looked up; with tied embeddings that table
@@ -38,6 +40,22 @@ from llama3.args import ModelArgs  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "llama3" / "bench"
 OURS = {"F16": "ours-fp32", "Q8_0": "ours-int8", "Q4_K_M": "ours-int4"}
+QUANTIZE = {"F16": "", "Q8_0": "int8", "Q4_K_M": "int4"}
+# A first load: the file converted and its conversion cached (llama3/weights/cache.py); the benchmark's own load
+# of our engine, which follows, is then a second load, as every load after a model's first is.
+FIRST_LOAD = r"""
+import shutil, sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads(int(sys.argv[3]))
+import llama3
+from llama3.llama import _converted_cache
+path, quantize = Path(sys.argv[1]), sys.argv[2] or None
+shutil.rmtree(_converted_cache(path, None, "cpu", quantize, 32).dir, ignore_errors=True)
+start = time.perf_counter()
+llama3.load(path, quantize=quantize)
+print(time.perf_counter() - start)
+"""
 FLAG_PREFIXES = ("avx", "fma", "f16c", "amx", "vnni", "bmi2")
 
 
@@ -162,19 +180,26 @@ def main() -> None:
                    "--engines", ",".join(engines), "--threads", str(args.threads), "--rounds", str(args.rounds),
                    "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
                    "--json", str(out)] + ["--compile"] * args.compile
+            first = subprocess.run([sys.executable, "-c", FIRST_LOAD, str(path), QUANTIZE[kind], str(args.threads)],
+                                   check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            first_load_s = float(first.stdout.split()[-1])
+            print(f"== {shape} {kind}: first load {first_load_s:.1f} s (converting, writing the cache)", flush=True)
             print(f"== {shape} {kind}: {' '.join(cmd[1:])}", flush=True)
             subprocess.run(cmd, check=True)
             results = json.loads(out.read_text())["results"]
             file_bytes = bytes_per_token(path)
             for engine, r in results.items():
                 read = file_bytes if engine == "llamacpp" else ours_bytes_per_token(r["weights_mb"], model_args)
+                r["first_load_s"] = first_load_s if engine == OURS[kind] else None
                 rows.append((shape, kind, engine, r, read, read * r["decode_tok_s"] / bandwidth))
     print(f"\nload average at end {os.getloadavg()}; roof = bytes per token x decode tok/s / copy bandwidth "
           f"({bandwidth / 1e9:.1f} GB/s)\n")
-    print("| shape | file | engine | load s | prefill tok/s | decode tok/s | peak MB | MB per token | roof |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| shape | file | engine | first load s | load s | prefill tok/s | decode tok/s | peak MB | MB per token "
+          "| roof |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for shape, kind, engine, r, read, roof in rows:
-        print(f"| {shape} | {kind} | {engine} | {r['load_s']:.2f} | {r['prefill_tok_s']:.0f} | "
+        first = "" if r.get("first_load_s") is None else f"{r['first_load_s']:.1f}"
+        print(f"| {shape} | {kind} | {engine} | {first} | {r['load_s']:.2f} | {r['prefill_tok_s']:.1f} | "
               f"{r['decode_tok_s']:.2f} | {r['peak_mb']:.0f} | {read / 1e6:.0f} | {roof:.0%} |")
     print()
     for shape, kind, engine, r, _, _ in rows:

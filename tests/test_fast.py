@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from llama3.fast import PackedLinear, prepack
+from llama3.fast import PackedLinear, avx2_kernels, prepack
 from llama3.generate import DecodeStep, generate_tokens
-from llama3.quantize import quantize_model
+from llama3.quantize import (AVX2_KERNEL_ROWS, Int4Linear, Int8Linear, dequantize_int4, quantize_int4, quantize_int8,
+                             quantize_model)
 
 from conftest import random_model, tiny_args
 
@@ -81,7 +82,9 @@ def test_compiled_step_logits_match_eager_for_rows_at_different_positions(kind):
         model(prompt, cache=cache)
         logits.append(step(tokens, positions, cache, kv_len=11))
     assert compiled.cache_dtype == model.norm.weight.dtype  # int4: bf16 on AVX-512, fp32 on AVX2 (compute_dtype)
-    tolerance = 1e-4 if kind == "fp32" else 2e-2  # bf16 kernel activations: rounding of differently ordered sums
+    # Quantized: the kernels round activations (bf16, or int8 per block of 32 on AVX2), and differently ordered sums
+    # round differently
+    tolerance = 1e-4 if kind == "fp32" else 5e-2
     assert (logits[0] - logits[1]).abs().max() <= tolerance * logits[0].abs().max()
 
 
@@ -103,3 +106,38 @@ def test_onednn_linears_need_fp32_on_cpu():
     from llama3.fast import use_onednn_linears
     with pytest.raises(ValueError, match="fp32 parameters on the CPU"):
         use_onednn_linears(random_model(tiny_args()).to(torch.bfloat16))
+
+
+def int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the AVX2 kernels round activations: int8 per block of 32, scale max|x| / 127."""
+    blocks = x.reshape(*x.shape[:-1], -1, 32)
+    d = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    return (torch.round(blocks / torch.where(d > 0, d, 1)) * d).reshape(x.shape)
+
+
+@pytest.mark.skipif(avx2_kernels() is None, reason="our kernels run on AVX2-only CPUs with a C compiler")
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("in_features", [256, 576])  # whole 256-weight blocks, and not
+def test_avx2_kernels_compute_the_dequantized_weights_on_int8_activations(scheme, in_features):
+    w = torch.randn(96, in_features)
+    if scheme == "int8":
+        q, scales = quantize_int8(w)
+        layer, dense = Int8Linear(q, scales.float()), q.float() * scales.float()[:, None]
+    else:
+        packed, scales, zeros = quantize_int4(w, 32)
+        layer = Int4Linear(packed, scales, zeros, 32)
+        dense = dequantize_int4(packed, scales.float(), zeros.float())
+        # w = q * scale + (zero - 8 scale): the kernel multiplies the first part by the int8 activations and the
+        # second by the exact sums of x
+        offsets = (zeros.float() - 8 * scales.float()).repeat_interleave(32, dim=1)
+    assert layer.kernel == "avx2"
+    for rows in range(1, AVX2_KERNEL_ROWS + 2):  # the kernel's rows, then a dequantized tile's
+        x = torch.randn(rows, in_features) * torch.linspace(0.1, 10, in_features)  # blocks of different ranges
+        out = layer(x)
+        if rows > AVX2_KERNEL_ROWS:
+            expected = x @ dense.t()
+        elif scheme == "int8":  # exact products of int8 activations, summed in fp32
+            expected = int8_blocks(x) @ dense.t()
+        else:
+            expected = int8_blocks(x) @ (dense - offsets).t() + x @ offsets.t()
+        assert (out - expected).abs().max() <= 1e-5 * expected.abs().max(), rows
