@@ -65,7 +65,7 @@ def single_process(untied_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipelined(untied_model_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("pipelined")
-    torchrun(untied_model_dir, run)
+    (run / "stdout.txt").write_text(torchrun(untied_model_dir, run).stdout)
     return run
 
 
@@ -80,6 +80,8 @@ def test_lora_pipeline_matches_one_process(single_process, pipelined):
     a, b = adapter(single_process), adapter(pipelined)
     assert a.keys() == b.keys() and {k.split(".")[1] for k in a} == {"0", "1"}
     assert all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
+    assert (pipelined / "stdout.txt").read_text().count("peak memory") == 1  # rank 0 alone sums up
+    assert json.loads((pipelined / "summary.json").read_text())["output"] == str(pipelined / "adapter")
 
 
 def test_a_killed_stage_resumes_and_ends_on_the_uninterrupted_adapter(untied_model_dir, pipelined, tmp_path):
