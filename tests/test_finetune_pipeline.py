@@ -99,7 +99,9 @@ def test_a_killed_stage_resumes_and_ends_on_the_uninterrupted_adapter(untied_mod
 @pytest.mark.long
 @pytest.mark.parametrize("method", ["full", "qlora"])
 def test_full_and_qlora_pipelines_match_one_process(untied_model_dir, tmp_path, method):
-    settings = [f"method={method}", "checkpoint.enabled=false", "eval.every=0"]
+    """QLoRA with packing: the positions restarting at each example and the mask travel through the stages."""
+    settings = [f"method={method}", "checkpoint.enabled=false", "eval.every=0",
+                f"data.packing={str(method == 'qlora').lower()}"]
     finetune([*QUICK, *settings], model=str(untied_model_dir), out=str(tmp_path / "one"))
     torchrun(untied_model_dir, tmp_path / "two", *settings)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
