@@ -156,7 +156,7 @@ def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, devi
         dtype = getattr(torch, dtype)
     path = resolve(source)
     store = _converted_cache(path, dtype, device, quantize, group_size) if cache else None
-    cached = store.load(_restore_model) if store else None
+    cached = store.load(_restore) if store else None
     if cached:
         model, tokenizer, template = cached
     else:
@@ -169,8 +169,8 @@ def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, devi
             raise WeightsError(f"{path}: no tokenizer found next to the weights")
         tokenizer, template = ckpt.tokenizer, ckpt.chat_template
         model = build_model(ckpt, dtype, device, str(path))
-        if store:
-            store.save(_model_snapshot(model, template), tokenizer)
+        if store and hasattr(tokenizer, "cache_state"):
+            store.save(_snapshot(model, tokenizer, template))
     if prepack:
         from .fast import can_prepack, prepack as prepack_linears
         if can_prepack(model):
@@ -195,18 +195,24 @@ def _converted_cache(path: Path, dtype, device, quantize: str | None, group_size
     return ConvertedCache(home() / "converted", path, options)
 
 
-def _model_snapshot(model: Transformer, chat_template: str | None) -> dict:
-    """The built model's tensors (quantized modules with their kernel layouts) and what rebuilds it around them."""
+def _snapshot(model: Transformer, tokenizer, chat_template: str | None) -> dict:
+    """The built model's tensors (quantized modules with their kernel layouts), what rebuilds it around them, and
+    the tokenizer's tables."""
     from .quantize import QUANTIZED_MODULES, module_state
     modules = {name: module_state(m) for name, m in model.named_modules()
                if type(m).__name__ in QUANTIZED_MODULES}
     inside = tuple(f"{name}." for name in modules)
     tensors = {k: v for k, v in model.state_dict().items() if not k.startswith(inside)}
-    return {"args": model.args.to_dict(), "chat_template": chat_template, "modules": modules, "tensors": tensors}
+    return {"args": model.args.to_dict(), "chat_template": chat_template, "modules": modules, "tensors": tensors,
+            "tokenizer": {"kind": type(tokenizer).__name__, "state": tokenizer.cache_state()}}
 
 
-def _restore_model(snapshot: dict, tokenizer) -> tuple[Transformer, object, str | None]:
+def _restore(snapshot: dict) -> tuple[Transformer, object, str | None]:
     from .quantize import restore_module
+    from .tokenizer import BPETokenizer
+    if snapshot["tokenizer"]["kind"] != BPETokenizer.__name__:
+        raise WeightsError(f"tokenizer kind {snapshot['tokenizer']['kind']!r}")
+    tokenizer = BPETokenizer.from_cache_state(snapshot["tokenizer"]["state"])
     model = meta_model(ModelArgs.from_dict(snapshot["args"]))
     for name, state in snapshot["modules"].items():
         model.set_submodule(name, restore_module(state))

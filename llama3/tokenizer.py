@@ -268,6 +268,29 @@ class BPETokenizer(_TiktokenBase):
         ends = {i for text, i in self.special_tokens.items() if text in END_OF_TURN_TOKENS}
         self.stop_ids = frozenset(ends | ({eos_id} - {None}))
 
+    def cache_state(self) -> dict:
+        """Everything the constructor computed, in plain types (lists, dicts, str, bytes) that
+        `torch.load(weights_only=True)` reads back without running code: llama3/weights/cache.py keeps it so that a
+        later load skips building the BPE tables (seconds for a 128k vocabulary)."""
+        state = {k: v for k, v in vars(self).items() if k not in ("encoding", "rank_to_id")}
+        sets = sorted(k for k, v in state.items() if isinstance(v, frozenset))
+        state.update({k: sorted(state[k]) for k in sets}, frozensets=sets, rank_to_id=self.rank_to_id.tolist())
+        enc = self.encoding
+        state["encoding"] = {"name": enc.name, "pat_str": enc._pat_str, "mergeable_ranks": enc._mergeable_ranks,
+                             "special_tokens": enc._special_tokens}
+        return state
+
+    @classmethod
+    def from_cache_state(cls, state: dict) -> BPETokenizer:
+        state = dict(state)
+        tokenizer = cls.__new__(cls)
+        tokenizer.encoding = tiktoken.Encoding(**state.pop("encoding"))
+        tokenizer.rank_to_id = np.array(state.pop("rank_to_id"), dtype=np.int64)
+        for k in state.pop("frozensets"):
+            state[k] = frozenset(state[k])
+        vars(tokenizer).update(state)
+        return tokenizer
+
     def decode(self, ids: Sequence[int]) -> str:
         # Byte-level tokens may end inside a UTF-8 character; "replace" keeps partial output readable.
         return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", errors="replace")

@@ -2,10 +2,10 @@
 
 Converting a GGUF file costs far more than reading it: dequantizing or repacking its blocks, re-quantizing to
 int8, packing int4 for the CPU kernel, parsing a 128k-token vocabulary and building its BPE tables (tens of
-seconds for a 1B model). An entry keeps the result: the model's tensors as built (`tensors.pt`, written by
-torch.save, whose records are 64-byte aligned, and read back with `torch.load(mmap=True)`: pages come from the
-page cache on demand) and the tokenizer (`tokenizer.pkl`). `entry.json`, written last, records what the entry was
-made from and a checksum of each file.
+seconds for a 1B model). An entry keeps the result: the model's tensors as built and the tokenizer's tables, in
+plain types (`tensors.pt`, written by torch.save, whose records are 64-byte aligned, and read back with
+`torch.load(mmap=True, weights_only=True)`: nothing pickled runs, pages come from the page cache on demand).
+`entry.json`, written last, records what the entry was made from and a checksum of the data.
 
 An entry is found by the source's path and the load options; it is used only while the source file is unchanged
 (size, modification time and a hash of its first MiB, where a GGUF file keeps its metadata) and was made by the same
@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -75,8 +74,8 @@ class ConvertedCache:
         return {"format": FORMAT, "code": _code_version(), "source": str(self.source),
                 "options": json.loads(json.dumps(self.options, default=str)), "file": file_identity(self.source)}
 
-    def load(self, restore: Callable[[dict, Any], Any]) -> Any:
-        """restore(payload, tokenizer) of a valid entry, or None (no entry, a stale one, or a corrupt one: logged;
+    def load(self, restore: Callable[[dict], Any]) -> Any:
+        """restore(payload) of a valid entry, or None (no entry, a stale one, or a corrupt one: logged;
         an error raised by `restore` counts as corrupt)."""
         entry = self.dir / "entry.json"
         if not entry.exists():
@@ -89,19 +88,15 @@ class ConvertedCache:
                 log.info("%s: cached conversion is stale (%s changed); converting again", self.source,
                          ", ".join(stale))
                 return None
-            for name, digest in recorded["checksums"].items():
-                if checksum(self.dir / name) != digest:
-                    raise ValueError(f"{name} does not match its checksum")
-            payload = torch.load(self.dir / "tensors.pt", mmap=True, weights_only=True)
-            with open(self.dir / "tokenizer.pkl", "rb") as f:
-                tokenizer = pickle.load(f)
-            return restore(payload, tokenizer)
+            if checksum(self.dir / "tensors.pt") != recorded["checksum"]:
+                raise ValueError("tensors.pt does not match its checksum")
+            return restore(torch.load(self.dir / "tensors.pt", mmap=True, weights_only=True))
         except Exception as e:  # noqa: BLE001 - whatever is wrong with an entry, it is rebuilt, never used
             log.warning("%s: cached conversion in %s is corrupt (%s: %s); converting again", self.source, self.dir,
                         type(e).__name__, e)
             return None
 
-    def save(self, payload: dict, tokenizer: Any) -> None:
+    def save(self, payload: dict) -> None:
         """Write an entry (into a fresh directory renamed into place, so readers never see half of one). Skipped,
         with a log line, when it would take more than a quarter of the free disk space."""
         self.dir.parent.mkdir(parents=True, exist_ok=True)
@@ -114,9 +109,7 @@ class ConvertedCache:
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.dir.parent))
         try:
             torch.save(payload, tmp / "tensors.pt")
-            with open(tmp / "tokenizer.pkl", "wb") as f:
-                pickle.dump(tokenizer, f, protocol=pickle.HIGHEST_PROTOCOL)
-            expected["checksums"] = {name: checksum(tmp / name) for name in ("tensors.pt", "tokenizer.pkl")}
+            expected["checksum"] = checksum(tmp / "tensors.pt")
             (tmp / "entry.json").write_text(json.dumps(expected, indent=1))
             if self.dir.exists():
                 shutil.rmtree(self.dir, ignore_errors=True)
