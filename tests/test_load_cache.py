@@ -119,3 +119,12 @@ def test_a_damaged_entry_is_rebuilt_never_used(tmp_path, home, monkeypatch, capl
     with monkeypatch.context() as m:  # the entry was written again, whole
         no_conversion(m)
         assert_same(reference, llama3.load(path, quantize="int4"))
+
+
+def test_entries_of_deleted_files_are_removed(tmp_path, home, one_thread):
+    gone, kept = write_file(tmp_path / "gone.gguf", "Q8_0"), write_file(tmp_path / "kept.gguf", "Q8_0")
+    llama3.load(gone)
+    gone.unlink()
+    llama3.load(kept)
+    (entry,) = (home / "converted").iterdir()
+    assert str(kept) in (entry / "entry.json").read_text()

@@ -105,7 +105,8 @@ class ConvertedCache:
         if size > free // 4:
             log.info("%s: not caching the conversion (%.1f GB, %.1f GB free)", self.source, size / 1e9, free / 1e9)
             return
-        expected = self._expected()  # before converting could have raced with a change of the file
+        _remove_orphans(self.dir.parent)
+        expected = self._expected()
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.dir.parent))
         try:
             torch.save(payload, tmp / "tensors.pt")
@@ -118,6 +119,17 @@ class ConvertedCache:
             log.info("%s: could not cache the conversion (%s)", self.source, e)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_orphans(root: Path) -> None:
+    """Entries whose source file is gone (a deleted or moved download, a temporary file) only take disk space."""
+    for entry in root.glob("*/entry.json"):
+        try:
+            source = Path(json.loads(entry.read_text())["source"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being written, or damaged: its own load rebuilds it
+        if not source.exists():
+            shutil.rmtree(entry.parent, ignore_errors=True)
 
 
 def _tensors(payload):
