@@ -188,6 +188,30 @@ int q4_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint
     if (!xq || !xd || !xs) { free(xq); free(xd); free(xs); return 1; }
     quantize_blocks(x, M * G, xq, xd, xs);
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    if (M == 1 && G % 8 == 0) {  /* decoding one row: 8 groups' scales at a time, in vectors */
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            const uint8_t* wr = w + n * (K / 2);
+            __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
+            for (int64_t g0 = 0; g0 < G; g0 += 8) {
+                __m256 sv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(scales + n * G + g0))), 16));
+                __m256 zv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(zeros + n * G + g0))), 16));
+                macc = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sv, zv), _mm256_loadu_ps(xs + g0), macc);
+                __m256 sd = _mm256_mul_ps(sv, _mm256_loadu_ps(xd + g0));
+                __m256 part = _mm256_setzero_ps();
+                for (int j = 0; j < 8; j++) {
+                    __m128i v = _mm_loadu_si128((const __m128i*)(wr + 16 * (g0 + j)));
+                    __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), low);
+                    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i*)(xq + 32 * (g0 + j)))), ones);
+                    part = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_permutevar8x32_ps(sd, _mm256_set1_epi32(j)), part);
+                }
+                acc = _mm256_add_ps(acc, part);
+            }
+            out[n] = hsum(acc) + hsum(macc);
+        }
+        free(xq); free(xd); free(xs);
+        return 0;
+    }
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t* wr = w + n * (K / 2);
@@ -226,6 +250,26 @@ int q8_linear(const float* x, int64_t M, int64_t K, const int8_t* w, const float
     if (!xq || !xd || !xs) { free(xq); free(xd); free(xs); return 1; }
     quantize_blocks(x, M * G, xq, xd, xs);
     const __m256i ones = _mm256_set1_epi16(1);
+    if (M == 1 && G % 8 == 0) {
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            const int8_t* wr = w + n * K;
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t g0 = 0; g0 < G; g0 += 8) {
+                __m256 dv = _mm256_loadu_ps(xd + g0), part = _mm256_setzero_ps();
+                for (int j = 0; j < 8; j++) {
+                    __m256i wv = _mm256_loadu_si256((const __m256i*)(wr + 32 * (g0 + j)));
+                    __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + 32 * (g0 + j)));
+                    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)), ones);
+                    part = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_permutevar8x32_ps(dv, _mm256_set1_epi32(j)), part);
+                }
+                acc = _mm256_add_ps(acc, part);
+            }
+            out[n] = hsum(acc) * row_scales[n];
+        }
+        free(xq); free(xd); free(xs);
+        return 0;
+    }
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const int8_t* wr = w + n * K;
