@@ -90,7 +90,7 @@ class ConvertedCache:
                 return None
             if checksum(self.dir / "tensors.pt") != recorded["checksum"]:
                 raise ValueError("tensors.pt does not match its checksum")
-            return restore(torch.load(self.dir / "tensors.pt", mmap=True, weights_only=True))
+            return restore(unpack(torch.load(self.dir / "tensors.pt", mmap=True, weights_only=True)))
         except Exception as e:  # noqa: BLE001 - whatever is wrong with an entry, it is rebuilt, never used
             log.warning("%s: cached conversion in %s is corrupt (%s: %s); converting again", self.source, self.dir,
                         type(e).__name__, e)
@@ -109,7 +109,7 @@ class ConvertedCache:
         expected = self._expected()
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.dir.parent))
         try:
-            torch.save(payload, tmp / "tensors.pt")
+            torch.save(pack(payload), tmp / "tensors.pt")
             expected["checksum"] = checksum(tmp / "tensors.pt")
             (tmp / "entry.json").write_text(json.dumps(expected, indent=1))
             if self.dir.exists():
@@ -119,6 +119,68 @@ class ConvertedCache:
             log.info("%s: could not cache the conversion (%s)", self.source, e)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# torch's weights-only unpickler is pure Python: a tokenizer's ~1M strings and ints as Python objects take it tens
+# of seconds on a busy machine. Long lists and dicts of them travel as a few tensors instead.
+_PACK_ABOVE = 64
+
+
+def pack(value: Any) -> Any:
+    """`value` with its long lists (of ints, of str / bytes / None, of equal-length tuples) and long str- or
+    bytes-keyed dicts turned into tensors; `unpack` gives it back."""
+    if isinstance(value, dict):
+        if len(value) > _PACK_ABOVE and all(isinstance(k, (str, bytes)) for k in value):
+            return {"__packed__": "dict", "keys": pack(list(value)), "values": pack(list(value.values()))}
+        return {k: pack(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and len(value) > _PACK_ABOVE:
+        if all(type(v) is int for v in value):
+            return {"__packed__": "ints", "data": torch.tensor(value, dtype=torch.int64)}
+        if all(isinstance(v, str) and "\0" not in v for v in value):  # one decode and one split when read
+            return {"__packed__": "text", "data": torch.frombuffer(bytearray("\0".join(value).encode()),
+                                                                   dtype=torch.uint8)}
+        if all(isinstance(v, bytes) for v in value):
+            return {"__packed__": "bytes", "lengths": torch.tensor([len(v) for v in value], dtype=torch.int64),
+                    "data": torch.frombuffer(bytearray(b"".join(value)) or bytearray(1), dtype=torch.uint8)}
+        if all(v is None or isinstance(v, (str, bytes)) for v in value):
+            kinds = [0 if v is None else 1 if isinstance(v, str) else 2 for v in value]
+            encoded = [b"" if v is None else v.encode() if isinstance(v, str) else v for v in value]
+            return {"__packed__": "strings", "kinds": torch.tensor(kinds, dtype=torch.uint8),
+                    "lengths": torch.tensor([len(b) for b in encoded], dtype=torch.int64),
+                    "data": torch.frombuffer(bytearray(b"".join(encoded)) or bytearray(1), dtype=torch.uint8)}
+        if all(isinstance(v, tuple) for v in value) and len({len(v) for v in value}) == 1:
+            return {"__packed__": "tuples", "columns": [pack(list(c)) for c in zip(*value)]}
+    if isinstance(value, (list, tuple)):
+        return type(value)(pack(v) for v in value)
+    return value
+
+
+def unpack(value: Any) -> Any:
+    if isinstance(value, dict):
+        kind = value.get("__packed__")
+        if kind == "dict":
+            return dict(zip(unpack(value["keys"]), unpack(value["values"])))
+        if kind == "ints":
+            return value["data"].tolist()
+        if kind == "text":
+            return value["data"].numpy().tobytes().decode().split("\0")
+        if kind == "bytes":
+            data, ends = value["data"].numpy().tobytes(), np.cumsum(value["lengths"].numpy()).tolist()
+            return [data[start:end] for start, end in zip([0] + ends[:-1], ends)]
+        if kind == "strings":
+            data, ends = value["data"].numpy().tobytes(), np.cumsum(value["lengths"].numpy()).tolist()
+            out, start = [], 0
+            for kind_of, end in zip(value["kinds"].tolist(), ends):
+                piece = data[start:end]
+                out.append(None if kind_of == 0 else piece.decode() if kind_of == 1 else piece)
+                start = end
+            return out
+        if kind == "tuples":
+            return list(zip(*(unpack(c) for c in value["columns"])))
+        return {k: unpack(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(unpack(v) for v in value)
+    return value
 
 
 def _remove_orphans(root: Path) -> None:
