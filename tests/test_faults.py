@@ -145,7 +145,7 @@ def test_nans_in_a_row_roll_back_and_skip_the_window(tmp_path):
     train(TINY + [f"run.dir={faulty}", "faults.max_bad_steps=2",
                   "faults.inject=['nan:step=5', 'nan:step=6']"])
     events = (faulty / "events.log").read_text()
-    assert "rolled back to the checkpoint of step 4" in events
+    assert "rolled back to the checkpoint of step 4 (from memory)" in events
     assert len(lines(faulty, "fault", kind="non_finite")) == 2
     assert lines(faulty, "action", kind="rollback", step=6, to="step-00000004")
     assert json.loads((faulty / "skip_steps.json").read_text()) == [5, 6]
