@@ -701,6 +701,9 @@ class Trainer:
     def ft_begin_step(self) -> None:
         begun = time.time()
         if not self.ft_ready:
+            # a rendezvous, with start-up's budget: with two groups, a hung peer that still heartbeats holds the
+            # quorum until its own watchdog ends it, and this group must outlive that wait
+            self.beat(f"quorum for step {self.step + 1}", startup=True)
             self.ft.start_step()
         self.ft_ready = False
         self.ft_after_quorum(begun)
