@@ -482,10 +482,14 @@ class Trainer:
             if cfg.eval.every >= 0 and ((cfg.eval.every and self.step % cfg.eval.every == 0) or last):
                 self.log_validation()
             save = cfg.checkpoint.enabled and not last and self.checkpoint_due(last_save)
-            save = save and (self.ft is None or self.events.leads)  # one group writes the disk checkpoints
             memory_every = cfg.checkpoint.memory_every
             snapshot = memory_every and (self.step % memory_every == 0 or save)
             every = cfg.faults.fingerprint_every
+            if self.ft is not None:
+                # one group writes the disk checkpoints, at a step all groups check (the check is collective)
+                self.save_wanted = (save or self.save_wanted) and self.events.leads
+                snapshot = memory_every and self.step % memory_every == 0
+                save = self.save_wanted and (not every or self.step % every == 0 or snapshot)
             if (self.replica_group() is not None or self.ft is not None) and every and (
                     self.step % every == 0 or save or snapshot):
                 if self.replicas_disagree():
@@ -495,7 +499,7 @@ class Trainer:
             if save:
                 self.beat(f"checkpoint of step {self.step}")
                 self.checkpointer.save(self.step)
-                last_save = time.monotonic()
+                last_save, self.save_wanted = time.monotonic(), False
         self.beat("final checkpoint and export")
         writes = self.ft is None or self.events.leads
         if cfg.checkpoint.enabled and writes:
@@ -695,6 +699,7 @@ class Trainer:
                          f"checkpoint (step {self.step})")
                 ready = False  # the next quorum carries that step
         self.ft_ready, self.ft_failed, self.ft_last_commit = ready, None, time.time()
+        self.save_wanted = False
         self.ft_previous: set[int] | None = None
         self.ft_after_quorum(begun)
 
