@@ -42,14 +42,15 @@ def test_a_killed_replica_group_heals_from_a_live_peer_and_the_survivor_never_re
     assert lost, events
     recovered = [e for e in of("recovered") if e["kind"] in ("replica_lost", "step_failed")]
     assert recovered and all(0 < float(e["duration_s"]) < 10 for e in recovered), recovered
-    assert of("action", kind="shrink")
+    # (a spare may be back before the survivor's next quorum: then the failed step simply runs again with both)
+    assert of("action", kind="shrink") or of("action", kind="retry")
     # the killed group's view: it died (seen at its restart) and copied a live peer's state, no checkpoint read
     assert of("fault", kind="process_died", rank=1)
     heal = of("action", kind="heal", replica=1)
-    assert heal and int(heal[-1]["step"]) >= 4, events  # the peers' live step, not step 0
+    assert heal and int(heal[-1]["step"]) >= 3, events  # the peers' live step (3 committed), not step 0
     assert not (run / "checkpoints").exists() or not any(p.name.startswith("step-") and int(p.name[5:]) < STEPS
                                                          for p in (run / "checkpoints").iterdir())
-    assert of("action", kind="grow")
+    assert of("start", replica=1, resumed="peer")
     assert of("recovered", kind="process_died")
     # no step was lost or trained twice: every step 1..STEPS once in the metrics, none replayed
     steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]

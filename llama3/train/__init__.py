@@ -40,3 +40,25 @@ def train(overrides: list[str] | None = None, *, config: str | None = None, repo
         raise
     finally:
         trainer.close()
+
+
+def serve_as_spare(overrides: list[str]) -> None:
+    """A spare torchft replica group (started by `llama3 train ft.replicas=N`): import everything a group needs
+    now (torch, the trainer, torchft, the optimizer's lazy imports), then wait for the launcher to name the group
+    it replaces (a JSON list of settings on stdin) and train as that group."""
+    import json
+    import os
+    import sys
+    import time
+
+    import torch
+    import torchft  # noqa: F401
+
+    from .pretrain import Pretraining  # noqa: F401
+    from .trainer import Trainer  # noqa: F401
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # torch.optim imports torch._dynamo on first use
+    line = sys.stdin.readline()
+    if not line.strip():
+        return  # the run ended without needing this spare
+    os.environ["LLAMA3_STARTED_AT"] = str(time.time())  # its start-up begins now, not at its (early) launch
+    train(overrides + json.loads(line))

@@ -153,9 +153,10 @@ def launch(cfg, config: str | None, overrides: list[str], run_dir: str) -> None:
         return subprocess.Popen([sys.executable, "-m", "llama3.train", *base, *group_settings(i, heal)],
                                 env=replica_env())
 
-    def start_spare() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "llama3.train.ft", "spare", *base], env=replica_env(),
-                                stdin=subprocess.PIPE, text=True)
+    def start_spare() -> subprocess.Popen:  # llama3.train.serve_as_spare
+        return subprocess.Popen([sys.executable, "-c", "import sys; from llama3.train import serve_as_spare; "
+                                 "serve_as_spare(sys.argv[1:])", *base], env=replica_env(), stdin=subprocess.PIPE,
+                                text=True)
 
     print(f"torchft lighthouse {address}; {ft.replicas} replica groups -> {run_dir}", file=sys.stderr, flush=True)
     procs = {i: start(i, heal=False) for i in range(ft.replicas)}
@@ -200,22 +201,6 @@ def group_settings(i: int, heal: bool) -> list[str]:
     return [f"ft.replica_id={i}"] + (["checkpoint.resume=false"] if heal else [])
 
 
-def run_spare(overrides: list[str]) -> None:
-    """A spare group: import everything a group needs now (torch, the trainer, torchft, the optimizer's lazy
-    imports), then wait for the launcher to name the group it replaces (a JSON list of settings on stdin)."""
-    import torch
-    import torchft  # noqa: F401
-
-    from . import train
-    from .trainer import Trainer  # noqa: F401
-    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # torch.optim imports torch._dynamo on first use
-    line = sys.stdin.readline()
-    if not line.strip():
-        return  # the run ended without needing this spare
-    os.environ["LLAMA3_STARTED_AT"] = str(time.time())  # its start-up begins now, not at its (early) launch
-    train(overrides + json.loads(line))
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m llama3.train.ft", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -223,11 +208,7 @@ def main(argv=None) -> None:
     lh = sub.add_parser("lighthouse", help="serve the quorum for replica groups started elsewhere")
     lh.add_argument("--bind", default="[::]:29510")
     lh.add_argument("--heartbeat-timeout-s", type=float, default=1.0)
-    sp = sub.add_parser("spare", help="(started by the launcher) a group in waiting, imports done")
-    sp.add_argument("overrides", nargs="*")
     opts = ap.parse_args(argv)
-    if opts.what == "spare":
-        return run_spare(opts.overrides)
     server = lighthouse(opts.bind, heartbeat_timeout_ms=int(opts.heartbeat_timeout_s * 1000))
     print(server.address(), flush=True)
     try:

@@ -579,6 +579,8 @@ class Trainer:
         """The start line: which attempt, on which hosts, resumed from which checkpoint (or fresh)."""
         hosts = gather_all(self.events.host) if self.distributed else [self.events.host]
         resumed = f"step-{self.step:08d}" if self.step else "fresh"
+        if self.cfg.ft.replicas and not self.cfg.checkpoint.resume:
+            resumed = "peer"  # a replacement group: it heals from a live peer at its first quorum
         attempt = self.goodput.record.get("starts", 1) - 1
         if restarted:
             self.events.action("restart", f"the {'replica group' if self.cfg.ft.replicas else 'job'} restarted "
@@ -733,8 +735,12 @@ class Trainer:
                               f"step {failed}: " + (f"replica group(s) {sorted(lost)} left the quorum" if lost else
                                                     "the quorum's all-reduce or commit failed"),
                               step=failed, at=self.ft_last_commit, rank=",".join(map(str, sorted(lost))) or "?")
-            self.events.action("shrink", f"step {step}: training goes on with replica groups {sorted(members)}; "
-                               "no process restarted", step=step, replicas=len(members))
+            if lost:
+                self.events.action("shrink", f"step {step}: training goes on with replica groups "
+                                   f"{sorted(members)}; no process restarted", step=step, replicas=len(members))
+            else:
+                self.events.action("retry", f"step {failed} ran again with replica groups {sorted(members)}; no "
+                                   "process restarted", step=step, replicas=len(members))
         if previous is not None and members - previous:
             self.events.action("grow", f"step {step}: replica group(s) {sorted(members - previous)} back in the "
                                "quorum", step=step, replicas=len(members))
