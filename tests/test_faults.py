@@ -82,7 +82,7 @@ def test_corrupt_or_partial_checkpoints_never_count(fault_free, tmp_path):
     (tmp_path / "c" / "step-00000009").mkdir()  # a save killed before its manifest was written
     (tmp_path / "c" / ".tmp-step-00000010").mkdir()  # a save killed while writing
     assert checkpointer.complete_steps() == [6, 8]
-    assert checkpointer._newest_valid_step() == 6
+    assert checkpointer.newest_valid_step() == 6
     assert (tmp_path / "c" / "corrupt-step-00000008").is_dir() and checkpointer.complete_steps() == [6]
 
 
