@@ -13,9 +13,10 @@ On CPU the matmuls of a few rows (decoding) run in torch's own kernels (`_weight
 depends on the CPU (`compute_dtype`, measured with benchmarks/bench_cpu_kernels.py, see docs/PERFORMANCE.md):
   AVX-512  bf16 activations everywhere (RMSNorm and RoPE still in fp32): its bf16 matmuls are fast.
   AVX2     fp32 activations, as an fp32 model: bf16 matmuls and attention run ~40x slower than fp32 there. Decoding
-           rows are rounded to bf16 for the kernels (which beat the fp32 gemv: fewer bytes read); prompts
-           (more than DEQUANTIZE_ABOVE_ROWS rows) dequantize the weight to fp32 a tile of rows at a time and use
-           the fp32 matmul, so a quantized prompt runs at fp32 speed rather than bf16's.
+           rows (up to AVX2_KERNEL_ROWS) go to our int8-activation kernels (llama3/fast.py, 2-2.5x torch's int4
+           kernel), in their own int4 layout; where those cannot be compiled, rows up to DEQUANTIZE_ABOVE_ROWS are
+           rounded to bf16 for torch's kernels. More rows (prompts) dequantize the weight to fp32 a tile of rows at
+           a time and use the fp32 matmul, so a quantized prompt runs at fp32 speed rather than bf16's.
 Other devices dequantize on the fly (exact, and fused by torch.compile).
 
 The portable form (what `quantize_state_dict` returns and `llama3 quantize` writes) is device-independent:
@@ -24,7 +25,8 @@ The portable form (what `quantize_state_dict` returns and `llama3 quantize` writ
                          NAME.scales, NAME.zeros (out, in/group_size): bf16 when quantized here, fp32 when
                          repacked from GGUF 4-bit blocks (the file's values, rounded once only by the kernel's dtype)
   norms                  bf16
-Kernel-specific packing happens when a model is built for a device.
+Kernel-specific packing happens when a model is built for a device (`_cpu_kernel` picks the kernel, and with it
+the layout).
 """
 
 from __future__ import annotations
