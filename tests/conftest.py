@@ -43,17 +43,20 @@ def default_llm(default_gguf_path):
     return llama3.load(DEFAULT_MODEL)  # by name: the server then calls it by its known name
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, default_gguf_path):
+def save_tiny_chat_model(path, gguf_path, tie_embeddings: bool = True):
     """A random 2-layer model with the default model's tokenizer (49152 tokens) and ChatML template, in HF layout."""
     from llama3.export import save_checkpoint
     from llama3.tokenizer import BPETokenizer
-    tokenizer = BPETokenizer.from_gguf(default_gguf_path)
-    args = ModelArgs.preset("debug-tiny", vocab_size=49152, tie_embeddings=True, max_seq_len=512)
-    path = tmp_path_factory.mktemp("tiny")
+    tokenizer = BPETokenizer.from_gguf(gguf_path)
+    args = ModelArgs.preset("debug-tiny", vocab_size=49152, tie_embeddings=tie_embeddings, max_seq_len=512)
     save_checkpoint(path, args, random_model(args).state_dict(), tokenizer=tokenizer,
                     chat_template=tokenizer.chat_template)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_gguf_path):
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny"), default_gguf_path)
 
 
 @pytest.fixture

@@ -108,9 +108,10 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ConfigError("DPO needs method lora or qlora: its reference model is the base with the adapters "
                           "turned off, so no second copy of the weights is kept")
     if cfg.dpo.enabled and p.pp > 1:
-        raise ConfigError("DPO does not run pipelined: its loss needs the policy's and the reference's "
-                          "log-probabilities of both replies of a pair, which a pipeline's last stage never sees "
-                          "together; use parallel.tp and data parallelism")
+        raise ConfigError("DPO does not run pipelined: a pair's loss compares both replies' log-probabilities "
+                          "under the policy with those under the reference (a second, adapter-free pass through "
+                          "every stage), while a pipeline schedule computes each micro-batch's loss from one pass "
+                          "on its last stage; use parallel.tp and data parallelism")
     if cfg.method == "qlora" and p.tp > 1:
         raise ConfigError("QLoRA's 4-bit base is not tensor parallel (its codes are packed in blocks of whole "
                           "rows of weights); use method lora with parallel.tp, or data parallelism")

@@ -41,8 +41,8 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
 class DPOLoss:
     """The loop's objective for preference pairs: a batch holds the chosen rows, then the rejected rows of the same
     pairs. Summed loss and statistics over the pairs; the reference runs without gradients. The policy's logits
-    are needed whole over the vocabulary (no loss parallel), and pairs do not fit a pipeline's per-micro-batch
-    loss (the config refuses parallel.pp)."""
+    are needed whole over the vocabulary (no loss parallel), and the reference's pass does not fit a pipeline
+    schedule (the config refuses parallel.pp)."""
 
     loss_parallel = False
 

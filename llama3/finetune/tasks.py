@@ -175,7 +175,7 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
         trainer.close()
     result = FinetuneResult(trainer.run_dir, task.llm, trainer.losses, trainer.val_losses,
                             trainer.peak_mem_gib, task.model_gib, trainer.tokens_per_s, trainer.output)
-    if is_rank0():
+    if trainer.rank == 0:  # the process group is gone: is_rank0() would be true everywhere
         (trainer.run_dir / "summary.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
         print(f"peak memory {result.peak_mem_gib:.2f} GiB (model tensors {result.model_gib:.2f} GiB)"
               + (f", {result.tokens_per_s:,.0f} tokens/s" if result.tokens_per_s else ""))

@@ -355,7 +355,10 @@ def full_model_state_dict(parts: list[nn.Module], *, gather_pipeline: bool, cont
     FSDP and TP shards are gathered by DCP's state-dict helpers within each pipeline stage; with pipeline
     parallelism the stages' dicts are then collected onto rank 0, sent by one `contribute`-ing rank per stage."""
     state = {}
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    # cpu_offload keeps the gathered tensors on global rank 0 only; a later stage's dict must come from its own
+    # ranks, so pipelines gather on the device (the stage's unsharded weights, which pipelined training holds
+    # between micro-batches anyway) and move each tensor to the CPU here.
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not gather_pipeline)
     for part in parts:
         full = trained_state_dict(part, options) if trained_only else get_model_state_dict(part, options=options)
         state.update({k: v.detach().cpu() for k, v in full.items()})
