@@ -138,7 +138,7 @@ def _make_cgroup(limits: SandboxLimits) -> str | None:
     settings = {"memory.max": limits.memory_bytes, "memory.swap.max": 0, "memory.oom.group": 1}
     try:
         for name, value in settings.items():
-            if os.path.exists(os.path.join(group, name)):  # swap accounting may be off
+            if name == "memory.max" or os.path.exists(os.path.join(group, name)):  # swap accounting may be off
                 with open(os.path.join(group, name), "w") as f:
                     f.write(str(value))
     except OSError:
