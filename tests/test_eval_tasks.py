@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 import math
 import re
 
@@ -229,10 +230,16 @@ def test_the_k_shot_prefix_is_computed_once(llama):
 def test_compiled_generation_gives_the_same_answers(llama):
     from llama3.llama import Llama
 
+    import torch
+
     compiled = Llama(llama.model, llama.tokenizer, None, compile=True)
     options = EvalOptions(shots=1, max_new_tokens=24, batch_size=3)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     eager, fast = (evaluate(m, "gsm8k", options=options) for m in (llama, compiled))
     assert compiled.decode_step.compile_seconds > 0  # it did compile
+    # batches of 3, 2 and 1 rows, contexts growing past block boundaries, and a second task's engine: one graph
+    evaluate(compiled, "math", options=replace(options, limit=2))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
     assert [s["completion"] for s in fast.samples] == [s["completion"] for s in eager.samples]
     assert [s["prediction"] for s in fast.samples] == [s["prediction"] for s in eager.samples]
     assert len({s["completion"] for s in eager.samples}) > 1  # the items' answers differ

@@ -287,6 +287,7 @@ class Engine:
             tokens, positions, tables, slots = tokens + [[0]], positions + [[0]], tables + [[]], slots + [[-1]]
         batch = paged_batch(pool, tables, slots)
         tokens, positions = torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device)
+        kv_len = max(r.cached for r in running) + 1
         if self.decode_step is None:
             logits = self.model(tokens, positions, batch)
         else:
@@ -294,8 +295,10 @@ class Engine:
                 for t in (batch.tables, batch.slots):
                     torch._dynamo.maybe_mark_dynamic(t, 0)
                 torch._dynamo.maybe_mark_dynamic(batch.tables, 1)
-            logits = self.decode_step(tokens, positions, batch, kv_len=max(r.cached for r in running) + 1,
-                                      dynamic_batch=True)
+                # whole blocks (the mask hides the rest): a graph traced at a kv_len inside a block would not
+                # serve one at a block's end, where reading the blocks needs no cut
+                kv_len = pool.blocks_for(kv_len) * pool.block_size
+            logits = self.decode_step(tokens, positions, batch, kv_len=kv_len, dynamic_batch=True)
         logits = logits[:len(running), -1]  # (B, vocab)
         self.metrics.batch_size.observe(len(running))
         next_ids = self._sample(logits, running)
