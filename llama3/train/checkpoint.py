@@ -10,9 +10,11 @@ for how a save commits atomically.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -128,6 +130,7 @@ class Checkpointer:
         self.pending: tuple[int, Future] | None = None
         self.fail_next_save = False  # set by the fault injector: the next save's storage write raises
         self.stall_s = 0.0  # time the training loop spent blocked on checkpointing
+        self.last_save_s: float | None = None  # how long the last save blocked the loop (the Young/Daly cost)
         self._group = None
         if dist.is_initialized() and async_save:
             # the background writer's collectives get their own group so they never interleave with training's
@@ -172,7 +175,8 @@ class Checkpointer:
             self._failed(step, e)
             return False
         finally:
-            self.stall_s += time.perf_counter() - start
+            self.last_save_s = time.perf_counter() - start
+            self.stall_s += self.last_save_s
 
     def wait(self) -> None:
         """Finish the save in flight, if any, and commit it."""
@@ -236,7 +240,7 @@ class Checkpointer:
         checksums are renamed `corrupt-step-N` (kept for inspection, never loaded) and the previous one is tried."""
         self.wait()
         while True:
-            step = self._newest_valid_step()
+            step = self.newest_valid_step()
             if step is None:
                 return None
             try:
@@ -263,7 +267,7 @@ class Checkpointer:
                 has_mine = any(key.startswith(f"rng.{rng.key}.") for key in saved)
                 dcp.load({"rng": rng if has_mine else {}}, checkpoint_id=path)  # collective: every rank takes part
 
-    def _newest_valid_step(self) -> int | None:
+    def newest_valid_step(self) -> int | None:
         """Rank 0 checks the checksums (one reader of the shared directory) and tells the others."""
         step = None
         if is_rank0():
@@ -282,6 +286,38 @@ class Checkpointer:
                  kind="corrupt_checkpoint", checkpoint=self.path(step).name, step=step)
         if is_rank0():
             os.replace(self.path(step), self.directory / f"corrupt-step-{step:08d}")
+
+
+class MemoryCheckpoint:
+    """The newest training state as a copy in this process's RAM (model, optimizer, schedule, data position, RNGs),
+    so that a rollback after a NaN or silent corruption restores it without touching the disk. With FSDP/TP each
+    rank copies only its own shards, so the copy costs what the rank's state does."""
+
+    def __init__(self, state: dict[str, Stateful]):
+        self.state = state
+        self.step: int | None = None
+        self._saved: dict | None = None
+
+    def save(self, step: int) -> None:
+        self._saved = {k: copy.deepcopy(v.state_dict()) for k, v in self.state.items()}
+        self.step = step
+
+    def load(self) -> int | None:
+        """Restore the copy (it stays valid for another rollback); its step, or None when there is none."""
+        if self._saved is None:
+            return None
+        for k, v in self.state.items():
+            v.load_state_dict(copy.deepcopy(self._saved[k]))
+        return self.step
+
+
+def young_daly_interval_s(save_cost_s: float, mtbf_s: float) -> float:
+    """The checkpoint interval that loses the least time to saves plus recomputation after a fault: Young's
+    first-order optimum sqrt(2 x save cost x mean time between faults) (Daly's refinement differs when the save
+    cost approaches the MTBF; then checkpointing cannot keep up anyway)."""
+    if save_cost_s < 0 or mtbf_s <= 0:
+        raise ValueError(f"save cost {save_cost_s}s and mean time between faults {mtbf_s}s must be positive")
+    return math.sqrt(2 * save_cost_s * mtbf_s)
 
 
 class _InjectableWriter(FileSystemWriter):

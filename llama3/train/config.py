@@ -94,11 +94,15 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     enabled: bool = True  # training checkpoints: model, optimizer, schedule and data position, to resume from
-    every: int = 0  # a training checkpoint every N steps (0: only at the end)
+    # a training checkpoint every N steps (0: only at the end); "auto": at the Young/Daly interval
+    # sqrt(2 x save cost x mean time between faults), from the measured save cost and faults.mtbf_minutes
+    every: int | Literal["auto"] = 0
     keep: int = 2  # most recent training checkpoints to keep
     resume: bool = True  # continue from the latest training checkpoint in the run directory, if there is one
     every_minutes: float = 0.0  # also a checkpoint whenever this much wall time passed since the last (0: off)
     async_save: bool = False  # write in the background while training goes on (see docs/RELIABILITY.md)
+    # the newest state also in RAM every N steps (0: off): NaN and corruption rollbacks restore it without disk
+    memory_every: int = 10
     export: bool = True  # at the end, write the model where `llama3.load` and `llama3 chat` read it (<dir>/model)
     export_layout: Literal["hf", "meta"] = "hf"  # Hugging Face safetensors or Meta consolidated.00.pth
 
@@ -115,6 +119,23 @@ class FaultsConfig:
     startup_timeout_s: float = 0.0
     fingerprint_every: int = 0  # compare data-parallel replicas' parameter fingerprints every N steps (0: off)
     inject: list[str] = field(default_factory=list)  # e.g. "kill:step=7:rank=1"; also $LLAMA3_FAULTS
+    # the expected time between faults, for checkpoint.every="auto" (0: measured, this run's wall time per fault)
+    mtbf_minutes: float = 0.0
+
+
+@dataclass
+class FTConfig:
+    """Replica groups kept in step by torchft: a dead group is dropped from the quorum and the others go on without
+    restarting; it comes back by copying a live peer's state (llama3/train/ft.py, docs/RELIABILITY.md)."""
+    replicas: int = 0  # data-parallel replica groups, one process each (0: off; the torchrun path)
+    replica_id: int | None = None  # which group this process is (set by `llama3 train`'s launcher, or by hand)
+    lighthouse: str | None = None  # http://HOST:PORT of the quorum server; None: `llama3 train` serves one
+    host: str = "127.0.0.1"  # the address the other groups reach this one at (across hosts: this host's)
+    timeout_s: float = 2.0  # a collective slower than this fails the step; the group that is late is dropped
+    heartbeat_timeout_s: float = 1.0  # the lighthouse drops a group it has not heard from for this long
+    join_timeout_s: float = 60.0  # at a fresh start, wait this long for every group before the first step
+    max_restarts: int = 20  # how often the launcher restarts a group that died, over the run
+    spares: int = 1  # processes the launcher keeps started (imports done) to take a dead group's place at once
 
 
 @dataclass
@@ -134,6 +155,7 @@ class LoopConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    ft: FTConfig = field(default_factory=FTConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def to_dict(self) -> dict:
@@ -283,7 +305,9 @@ def validate_loop(cfg: LoopConfig) -> None:
                 "parallel.tp": (p.tp, 1), "parallel.pp": (p.pp, 1),
                 "parallel.dp_replicate": (p.dp_replicate, 1), "training.log_every": (t.log_every, 1),
                 "optim.warmup_steps": (o.warmup_steps, 0), "eval.steps": (cfg.eval.steps, 1),
-                "checkpoint.every": (cfg.checkpoint.every, 0), "checkpoint.keep": (cfg.checkpoint.keep, 1),
+                "checkpoint.every": (0 if cfg.checkpoint.every == "auto" else cfg.checkpoint.every, 0),
+                "checkpoint.memory_every": (cfg.checkpoint.memory_every, 0), "ft.replicas": (cfg.ft.replicas, 0),
+                "checkpoint.keep": (cfg.checkpoint.keep, 1),
                 "faults.max_bad_steps": (cfg.faults.max_bad_steps, 1),
                 "faults.spike_window": (cfg.faults.spike_window, 2),
                 "faults.fingerprint_every": (cfg.faults.fingerprint_every, 0)}
@@ -299,6 +323,14 @@ def validate_loop(cfg: LoopConfig) -> None:
     if not 0 < o.decay_ratio <= 1:
         raise ConfigError(f"optim.decay_ratio must be in (0, 1]; got {o.decay_ratio}")
     parse_faults(cfg.faults.inject, key="faults.inject")
+    if cfg.ft.replicas:
+        if cfg.ft.replica_id is not None and not 0 <= cfg.ft.replica_id < cfg.ft.replicas:
+            raise ConfigError(f"ft.replica_id {cfg.ft.replica_id} must be in [0, ft.replicas={cfg.ft.replicas})")
+        if t.batch_size % cfg.ft.replicas:
+            raise ConfigError(f"training.batch_size {t.batch_size} must be a multiple of ft.replicas "
+                              f"{cfg.ft.replicas}")
+        if p.dp_replicate * p.tp * p.pp != 1 or p.dp_shard != -1:
+            raise ConfigError("ft.replicas: each replica group is one process here; parallel.* must stay 1")
 
 
 def validate(cfg: TrainConfig) -> None:

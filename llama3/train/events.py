@@ -34,7 +34,10 @@ SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 
 def process_age_s() -> float:
     """Seconds since this process started (Linux /proc; 0 elsewhere): the interpreter start and the imports that
-    run before the trainer is built."""
+    run before the trainer is built. A spare process that waited, imports done, counts from its assignment
+    ($LLAMA3_STARTED_AT, epoch seconds)."""
+    if os.environ.get("LLAMA3_STARTED_AT"):
+        return time.time() - float(os.environ["LLAMA3_STARTED_AT"])
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
@@ -89,14 +92,18 @@ class EventLog:
         self.host = socket.gethostname()
         self.status_path = run_dir / "ranks" / f"rank-{rank}.json"
         self.step = 0
-        self.pending: list[dict] = []  # faults awaiting their recovery: kind, step, time
+        # whether this process writes the run's lines: rank 0; with torchft replica groups, the quorum's first
+        # member (the trainer updates it every step), while each group writes its own start, hang and heal
+        self.leads = rank == 0
+        self.faults = 0  # faults this process has seen (for the measured mean time between faults)
+        self.pending: list[dict] = []  # faults awaiting their recovery: kind, step, time, whether we wrote it
         self.status_path.parent.mkdir(parents=True, exist_ok=True)
 
     # ---- lines -----------------------------------------------------------------------------------------------
 
     def write(self, event: str, message: str = "", *, everyone: bool = False, **fields) -> None:
         """One line; only rank 0 writes unless `everyone` (then each rank writes its own, tagged with it)."""
-        if self.rank != 0 and not everyone:
+        if not self.leads and not everyone:
             return
         line = f"{datetime.now():%Y-%m-%d %H:%M:%S.%f}"[:-3] + f" {event} {format_fields(fields)}"
         if message:
@@ -119,10 +126,12 @@ class EventLog:
         productive step (`productive`)."""
         at = time.time() if at is None else at
         step = self.step if step is None else step
+        self.faults += 1
         self.write("fault", message, everyone=everyone, kind=kind, step=step,
                    rank=fields.pop("rank", self.rank), host=fields.pop("host", self.host),
                    at=f"{datetime.fromtimestamp(at):%H:%M:%S.%f}"[:-3], **fields)
-        self.pending.append({"kind": kind, "step": step, "at": at})
+        # whoever wrote the fault writes its recovery
+        self.pending.append({"kind": kind, "step": step, "at": at, "everyone": everyone or self.leads})
 
     def action(self, kind: str, message: str, **fields) -> None:
         self.write("action", message, kind=kind, **fields)
@@ -132,7 +141,8 @@ class EventLog:
         for fault in self.pending:
             duration = time.time() - fault["at"]
             self.write("recovered", f"recovered from {fault['kind']} (step {fault['step']}) in {duration:.2f}s",
-                       kind=fault["kind"], step=step, fault_step=fault["step"], duration_s=duration)
+                       everyone=fault.get("everyone", False), kind=fault["kind"], step=step,
+                       fault_step=fault["step"], duration_s=duration)
         self.pending.clear()
 
     # ---- this rank's status ----------------------------------------------------------------------------------
@@ -147,11 +157,12 @@ class EventLog:
         tmp.write_text(json.dumps(status))
         tmp.replace(self.status_path)
 
-    def take_previous_statuses(self) -> list[dict]:
+    def take_previous_statuses(self, own_only: bool = False) -> list[dict]:
         """The status files the previous start left, removed once read (rank 0, before any rank of this start
-        writes its own): a rank of an earlier, larger world must not be taken for one of the last start."""
+        writes its own): a rank of an earlier, larger world must not be taken for one of the last start.
+        `own_only`: just this process's file (a torchft replica group restarts on its own)."""
         out = []
-        for p in sorted(self.status_path.parent.glob("rank-*.json")):
+        for p in sorted(self.status_path.parent.glob(self.status_path.name if own_only else "rank-*.json")):
             try:
                 out.append(json.loads(p.read_text()))
                 p.unlink()
@@ -199,7 +210,7 @@ def restart_faults(events: EventLog, previous: list[dict], world_size: int) -> l
     hung = [s for s in previous if s["state"] == "hang"]
     if hung and not died:  # the watchdog already logged the fault itself; recovery runs from the hang's start
         first = min(hung, key=lambda s: s["time"])
-        events.pending.append({"kind": "hang", "step": first["step"], "at": first["time"]})
+        events.pending.append({"kind": "hang", "step": first["step"], "at": first["time"], "everyone": True})
     if not died and not failed and not hung and "stopped" in states:
         first = min(previous, key=lambda s: s["time"])
         if world_size > len(previous):  # torchrun's agents stop the job to let a returning host in

@@ -116,13 +116,17 @@ def replica_mismatch(parts: list[nn.Module], group) -> list[int]:
     mine = parameter_fingerprint(parts)
     everyone = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
-    counts = Counter(everyone)
-    if len(counts) == 1:
+    return off_the_majority(dict(zip(dist.get_process_group_ranks(group), everyone)))
+
+
+def off_the_majority(fingerprints: dict[int, int]) -> list[int]:
+    """The replicas (by rank) whose fingerprint differs from the majority's; all of them on a tie."""
+    counts = Counter(fingerprints.values())
+    if len(counts) <= 1:
         return []
     majority, n = counts.most_common(1)[0]
-    ranks = dist.get_process_group_ranks(group)
     tie = list(counts.values()).count(n) > 1
-    return [r for r, fp in zip(ranks, everyone) if tie or fp != majority]
+    return [r for r, fp in fingerprints.items() if tie or fp != majority]
 
 
 class LossGuard:

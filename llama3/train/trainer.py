@@ -28,17 +28,17 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from ..args import ModelArgs
-from .checkpoint import (CheckpointMismatch, Checkpointer, ModelState, OptimizerState, RNGState, broadcast_object,
-                         full_model_state_dict, is_rank0)
+from .checkpoint import (CheckpointMismatch, Checkpointer, MemoryCheckpoint, ModelState, OptimizerState, RNGState,
+                         broadcast_object, full_model_state_dict, is_rank0, young_daly_interval_s)
 from .config import ConfigError, Layout, LoopConfig, OptimConfig, resolve_layout
 from .data import IGNORE, document_mask
-from .events import EventLog, process_age_s, restart_faults
-from .faults import HANG_EXIT_CODE, FaultInjector, LossGuard, replica_mismatch, start_watchdog
+from .events import EventLog, process_age_s, read_events, restart_faults
+from .faults import (HANG_EXIT_CODE, FaultInjector, LossGuard, off_the_majority, parameter_fingerprint,
+                     replica_mismatch, start_watchdog)
 from .goodput import Goodput
 from .metrics import MetricsWriter, measure_peak_flops, peak_memory_gib, plot_losses, reset_peak_memory, synchronize
 from .network import check_multihost_settings
 from .parallelize import build_mesh, parallelize
-from .pipeline import build_pipeline
 
 
 def lr_multiplier(step: int, optim: OptimConfig, total_steps: int) -> float:
@@ -67,6 +67,9 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]  # adapters are all matrices; DCP cannot restore an empty group
     return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=True)
+
+
+UNCOMMITTED = "the quorum did not commit the step"
 
 
 def plain(t: Tensor) -> Tensor:
@@ -196,14 +199,21 @@ class Trainer:
         self.watchdog = start_watchdog(cfg.faults, cfg.run.dir, on_fire=self.record_hang)
         self.beat("rendezvous and process group creation", startup=True)
         self.device, self.distributed = init_distributed(cfg.run.device)
+        # a torchft replica group (ft.py): its own process, in step with the other groups through the quorum
+        self.ft = None
+        ft_group = bool(cfg.ft.replicas)
+        if ft_group and (self.distributed or cfg.ft.replica_id is None):
+            raise ConfigError("ft.replicas: each replica group is one process with its ft.replica_id; start them "
+                              "with `llama3 train ft.replicas=N` (which may itself run under torchrun)")
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.dtype = resolve_dtype(cfg.training.dtype, self.device)
         self.run_dir = create_run_dir(cfg.run.dir or task.default_run_dir(), cfg.to_dict(), self.distributed)
-        self.rank = dist.get_rank() if self.distributed else 0
+        self.rank = dist.get_rank() if self.distributed else (cfg.ft.replica_id or 0)
         if self.watchdog is not None:
             self.watchdog.dump_path = self.run_dir / f"hang-rank{self.rank}.txt"
         self.events = EventLog(self.run_dir, self.rank)
-        previous = self.events.take_previous_statuses() if is_rank0() else []
+        self.events.leads = self.events.leads or ft_group  # each group records its own start
+        previous = self.events.take_previous_statuses(own_only=ft_group) if is_rank0() else []
         if self.distributed:  # rank 0 has read the previous start's statuses before anyone overwrites them
             broadcast_object(None)
             self.events.record_termination()
@@ -211,12 +221,14 @@ class Trainer:
 
         model = task.build_model(self.device, self.dtype)
         self.args: ModelArgs = task.args
-        self.layout = layout = resolve_layout(cfg, self.world_size, self.args)
+        # replica groups split each global batch like data-parallel ranks
+        self.layout = layout = resolve_layout(cfg, cfg.ft.replicas or self.world_size, self.args)
         self.mesh = build_mesh(layout, self.device.type) if self.distributed else None
         self.pipelined = layout.pp > 1
         self.loss_parallel = (not self.pipelined and layout.tp > 1 and cfg.parallel.loss_parallel
                               and self.objective.loss_parallel)
         if self.pipelined:
+            from .pipeline import build_pipeline  # torch's pipelining pulls in dynamo: ~2 s of imports
             self.n_microbatches = n_micro = cfg.parallel.pp_microbatches or layout.pp
             self.schedule, self.parts, self.has_first, self.has_last = build_pipeline(
                 model, self.mesh["pp"], schedule=cfg.parallel.pp_schedule,
@@ -233,7 +245,7 @@ class Trainer:
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_multiplier(s, cfg.optim, cfg.training.steps)) for opt in self.optimizers]
 
-        self.dp_rank = 0
+        self.dp_rank = self.rank if ft_group else 0
         if self.mesh is not None:
             self.dp_rank = (self.mesh["dp_replicate"].get_local_rank() * layout.dp_shard
                             + self.mesh["dp_shard"].get_local_rank())
@@ -248,18 +260,24 @@ class Trainer:
         self.injector = FaultInjector(cfg.faults.inject, self.run_dir, self.rank)
         self.guard = LossGuard(cfg.faults.spike_zscore, cfg.faults.spike_window)
         self.skip_steps = set(cfg.faults.skip_steps) | self.read_skip_steps()
-        self.goodput = Goodput(self.run_dir, write=is_rank0())
+        self.goodput = Goodput(self.run_dir, write=is_rank0() and self.rank == 0)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", {
             "model": ModelState(self.parts),
             "optimizer": OptimizerState(self.parts, self.optimizers),
             "progress": _Progress(self),
             "rng": RNGState(self.rank)}, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
             log=self.events.note)
+        self.memory = MemoryCheckpoint(self.checkpointer.state)
         restarted = restart_faults(self.events, previous, self.world_size) if is_rank0() else []
         self.beat("checkpoint load", startup=True)
         if cfg.checkpoint.enabled and cfg.checkpoint.resume:
             self.step = self.checkpointer.load_latest() or 0
+        elif ft_group and cfg.checkpoint.enabled:  # a replacement heals from a peer; it still checks the disk's
+            self.checkpointer.newest_valid_step()
+        self.faults_before = sum(e["event"] == "fault" for e in read_events(self.run_dir)) if is_rank0() else 0
         self.record_start(restarted)
+        if cfg.checkpoint.memory_every:
+            self.memory.save(self.step)
 
         if cfg.metrics.peak_tflops:
             self.peak_flops = cfg.metrics.peak_tflops * 1e12
@@ -292,6 +310,8 @@ class Trainer:
         last pipeline stages hold them at all, so everyone adds theirs (zero off the last stage) and the total
         is divided by the copies."""
         t = torch.tensor(values if self.has_last else [0.0] * len(values), dtype=torch.float64, device=self.device)
+        if self.ft is not None:
+            return self.ft.sum(t).tolist()
         if self.distributed:
             dist.all_reduce(t)
             t /= self.layout.tp
@@ -324,11 +344,16 @@ class Trainer:
         the step before the optimizer applies it; a skipped step consumes its batch and moves the schedule on,
         but leaves parameters and optimizer alone. `poison` (fault injection) turns the gradients into NaN, as an
         overflow would."""
+        data_before = self.train_data.state_dict() if self.ft is not None else None
         batches = self.next_batches()
-        count, tokens, rows = self.global_sum([sum(self.objective.count(b) for b in batches),
-                                               sum(b.tokens for b in batches), sum(len(b.inputs) for b in batches)])
+        # with replica groups, which groups are in this step's quorum too (one slot each)
+        present = [float(i == self.rank) for i in range(self.cfg.ft.replicas)] if self.ft is not None else []
+        count, tokens, rows, *present = self.global_sum([
+            sum(self.objective.count(b) for b in batches), sum(b.tokens for b in batches),
+            sum(len(b.inputs) for b in batches), *present])
+        self.ft_members = {i for i, v in enumerate(present) if v > 0.5}
         # Data-parallel gradients are averaged over the ranks: scale so that the result is the global mean.
-        self.loss_scale = self.layout.dp / max(count, 1)
+        self.loss_scale = (len(self.ft_members) if self.ft is not None else self.layout.dp) / max(count, 1)
         total, stats = torch.zeros((), device=self.device), {}
         for i, batch in enumerate(batches):
             if self.mesh is not None and not self.pipelined:  # reduce gradients only after the last micro-batch
@@ -342,12 +367,19 @@ class Trainer:
                 for p in part.parameters():
                     if p.grad is not None:
                         p.grad.fill_(float("nan"))
+        if self.ft is not None:
+            self.ft.average_gradients([p for part in self.parts for p in part.parameters()])
         grad_norm = self.clip_gradients()
         keys = sorted(stats)
         sums = self.global_sum([float(total), *(stats[k] for k in keys)])
         record = {"loss": sums[0] / max(count, 1), "lr": self.schedulers[0].get_last_lr()[0], "grad_norm": grad_norm,
                   **{k: v / max(count, 1) for k, v in zip(keys, sums[1:])}, "tokens": tokens, "rows": rows}
         problem = self.guard.check(record["loss"], grad_norm)
+        if self.ft is not None and not self.ft.commit():  # a group died or hung in this step: run it again
+            self.train_data.load_state_dict(data_before)
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            return record, UNCOMMITTED
         for opt, sched in zip(self.optimizers, self.schedulers):
             if problem is None:
                 opt.step()
@@ -407,11 +439,18 @@ class Trainer:
             self.log_validation()
         reset_peak_memory(self.device)
         last_save = time.monotonic()
+        if cfg.ft.replicas:
+            self.ft_join()
         while self.step < cfg.training.steps:
+            if self.ft is not None:
+                self.ft_begin_step()
             step = self.step + 1
             self.beat(f"step {step}", step=step)
             self.injector.before_step(step, self)
             if step in self.skip_steps:
+                if self.ft is not None and not self.ft.commit():
+                    self.ft_failed = self.ft_failed or step
+                    continue
                 self.skip_batch()
                 self.step = step
                 self.log(f"step {step}: batch skipped (faults.skip_steps)")
@@ -420,7 +459,12 @@ class Trainer:
             record, problem = self.train_step(poison=self.injector.due("nan", step))
             synchronize(self.device)
             elapsed = time.perf_counter() - start
+            if problem is UNCOMMITTED:
+                self.ft_failed = self.ft_failed or step
+                continue
             self.step = step
+            if self.ft is not None:
+                self.ft_committed(step)
             if problem is not None:
                 self.events.fault("non_finite" if problem.startswith("non-finite") else "loss_spike",
                                   f"step {step}: {problem}", step=step, rank="all")
@@ -437,23 +481,32 @@ class Trainer:
             last = self.step == cfg.training.steps
             if cfg.eval.every >= 0 and ((cfg.eval.every and self.step % cfg.eval.every == 0) or last):
                 self.log_validation()
-            save = cfg.checkpoint.enabled and not last and (
-                (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0)
-                or self.minutes_passed(last_save, cfg.checkpoint.every_minutes))
+            save = cfg.checkpoint.enabled and not last and self.checkpoint_due(last_save)
+            memory_every = cfg.checkpoint.memory_every
+            snapshot = memory_every and (self.step % memory_every == 0 or save)
             every = cfg.faults.fingerprint_every
-            if self.replica_group() is not None and every and (self.step % every == 0 or save):
+            if self.ft is not None:
+                # one group writes the disk checkpoints, at a step all groups check (the check is collective)
+                self.save_wanted = (save or self.save_wanted) and self.events.leads
+                snapshot = memory_every and self.step % memory_every == 0
+                save = self.save_wanted and (not every or self.step % every == 0 or snapshot)
+            if (self.replica_group() is not None or self.ft is not None) and every and (
+                    self.step % every == 0 or save or snapshot):
                 if self.replicas_disagree():
                     continue
+            if snapshot:  # after the fingerprint check: the copy in RAM is one the replicas agreed on
+                self.memory.save(self.step)
             if save:
                 self.beat(f"checkpoint of step {self.step}")
                 self.checkpointer.save(self.step)
-                last_save = time.monotonic()
+                last_save, self.save_wanted = time.monotonic(), False
         self.beat("final checkpoint and export")
-        if cfg.checkpoint.enabled:
+        writes = self.ft is None or self.events.leads
+        if cfg.checkpoint.enabled and writes:
             self.checkpointer.save(self.step, block=True)
         for part in self.parts:
             part.eval()
-        self.output = self.task.export(self) if cfg.checkpoint.export else None
+        self.output = self.task.export(self) if cfg.checkpoint.export and writes else None
         summary = self.goodput.summary(self.checkpointer.stall_s)
         self.events.write(
             "end", f"goodput {summary['goodput']:.1%}: {summary['productive_s']:.1f}s of productive steps in "
@@ -474,7 +527,8 @@ class Trainer:
         self.peak_mem_gib = peak_memory_gib(self.device)
         if len(self.losses) > 1:  # the first step pays for warm-up
             self.timed_tokens, self.timed_s = self.timed_tokens + tokens, self.timed_s + elapsed
-        if self.writer is None or not (self.step % self.cfg.training.log_every == 0 or self.step == 1):
+        if self.writer is None or not self.events.leads or not (
+                self.step % self.cfg.training.log_every == 0 or self.step == 1):
             return
         flops = self.task.flops_per_token(tokens / rows) * tokens / elapsed / self.world_size
         self.writer.log({
@@ -525,10 +579,12 @@ class Trainer:
         """The start line: which attempt, on which hosts, resumed from which checkpoint (or fresh)."""
         hosts = gather_all(self.events.host) if self.distributed else [self.events.host]
         resumed = f"step-{self.step:08d}" if self.step else "fresh"
+        if self.cfg.ft.replicas and not self.cfg.checkpoint.resume:
+            resumed = "peer"  # a replacement group: it heals from a live peer at its first quorum
         attempt = self.goodput.record.get("starts", 1) - 1
         if restarted:
-            self.events.action("restart", f"the job restarted (attempt {attempt}) and resumes from {resumed}",
-                               attempt=attempt, resumed=resumed)
+            self.events.action("restart", f"the {'replica group' if self.cfg.ft.replicas else 'job'} restarted "
+                               f"(attempt {attempt}) and resumes from {resumed}", attempt=attempt, resumed=resumed)
         self.beat("first step")  # ends the last start-up phase
         phases = {k: round(v, 2) for k, v in self.startup.items()}
         self.events.write("start", f"start {attempt}: {self.world_size} process(es) on "
@@ -536,13 +592,16 @@ class Trainer:
                           + ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()), attempt=attempt,
                           world=self.world_size, hosts=",".join(sorted(set(hosts))), resumed=resumed,
                           launcher_restart=os.environ.get("TORCHELASTIC_RESTART_COUNT"),
+                          replica=self.cfg.ft.replica_id, pid=os.getpid(),
                           **{f"{k}_s": v for k, v in phases.items()})
 
     def minutes_passed(self, since: float, minutes: float) -> bool:
         """Whether a time-based checkpoint is due; rank 0's clock decides for everyone."""
         if minutes <= 0:
             return False
-        due = time.monotonic() - since >= 60 * minutes
+        return self.rank0_decides(time.monotonic() - since >= 60 * minutes)
+
+    def rank0_decides(self, due: bool) -> bool:
         return bool(broadcast_object(due)) if self.distributed else due
 
     def read_skip_steps(self) -> set[int]:
@@ -552,8 +611,8 @@ class Trainer:
     def add_skip_steps(self, steps) -> None:
         """Steps whose batch is skipped from now on, also after a restart or rollback replays them."""
         self.skip_steps.update(steps)
-        if is_rank0():
-            tmp = self.run_dir / "skip_steps.json.tmp"
+        if is_rank0():  # replica groups each write theirs: a name of its own for the temporary file
+            tmp = self.run_dir / f"skip_steps.json.{os.getpid()}.tmp"
             tmp.write_text(json.dumps(sorted(self.skip_steps)))
             tmp.replace(self.run_dir / "skip_steps.json")
 
@@ -561,14 +620,18 @@ class Trainer:
         """Back to the newest valid checkpoint; the steps since then run again (skipping the skip_steps)."""
         self.beat("rollback")
         failed_at = self.step
-        step = self.checkpointer.load_latest() if self.cfg.checkpoint.enabled else None
+        step, source = self.memory.load(), "memory"  # the copy in RAM is never older than the newest on disk
+        if step is None:
+            step, source = self.checkpointer.load_latest() if self.cfg.checkpoint.enabled else None, "disk"
         if step is None:
             raise RuntimeError(f"step {failed_at}: {reason}, and there is no checkpoint to roll back to")
         self.step = step
+        if self.ft is not None:  # a group whose copy is older (a replacement's) heals at the next quorum
+            self.ft.set_step(step)
         self.guard.reset()
         self.goodput.rollback()
-        self.events.action("rollback", f"step {failed_at}: {reason}; rolled back to the checkpoint of step {step}",
-                           step=failed_at, to=f"step-{step:08d}")
+        self.events.action("rollback", f"step {failed_at}: {reason}; rolled back to the checkpoint of step {step} "
+                           f"(from {source})", step=failed_at, to=f"step-{step:08d}", source=source)
 
     def replica_group(self):
         if self.mesh is None or self.layout.dp_replicate < 2:
@@ -577,7 +640,10 @@ class Trainer:
 
     def replicas_disagree(self) -> bool:
         """Silent data corruption check: data-parallel replicas must hold identical parameters."""
-        bad = replica_mismatch(self.parts, self.replica_group())
+        if self.ft is not None:
+            bad = self.ft_mismatch()
+        else:
+            bad = replica_mismatch(self.parts, self.replica_group())
         if self.distributed:  # replica groups of other shards may have seen it: everyone rolls back together
             bad = [r for ranks in gather_all(bad) for r in ranks]
         if not bad:
@@ -586,6 +652,110 @@ class Trainer:
                           rank=",".join(map(str, sorted(set(bad)))))
         self.rollback(f"parameter fingerprints of data-parallel replicas differ (ranks {sorted(set(bad))})")
         return True
+
+    def checkpoint_due(self, last_save: float) -> bool:
+        """checkpoint.every steps, or "auto": the Young/Daly interval from the last save's measured cost and the
+        mean time between faults (faults.mtbf_minutes, or this run's wall time per fault so far); the first save
+        comes after the first step, to measure the cost. Rank 0's clock decides for everyone."""
+        c = self.cfg.checkpoint
+        if c.every != "auto":
+            return bool(c.every and self.step % c.every == 0) or self.minutes_passed(last_save, c.every_minutes)
+        cost = self.checkpointer.last_save_s
+        if cost is None:
+            return True
+        mtbf = 60 * self.cfg.faults.mtbf_minutes or (
+            (time.time() - self.goodput.record.get("first_start", time.time()))
+            / max(1, self.faults_before + self.events.faults))
+        due = time.monotonic() - last_save >= young_daly_interval_s(cost, max(mtbf, 1e-3))
+        return self.rank0_decides(due)
+
+    # ---- torchft replica groups (ft.py) --------------------------------------------------------------------------
+
+    def live_state(self) -> dict:
+        """What a healing group copies from this one: everything a checkpoint holds but the RNGs."""
+        return {k: self.checkpointer.state[k].state_dict() for k in ("model", "optimizer", "progress")}
+
+    def load_live_state(self, state: dict) -> None:
+        for k, v in state.items():
+            self.checkpointer.state[k].load_state_dict(v)
+
+    def ft_join(self) -> None:
+        """Before the first step: join the quorum. A fresh start (or a restart of every group from disk) waits for
+        every group; a replacement of a group that died heals from a live peer's memory here."""
+        from .ft import ReplicaGroup
+        self.beat("replica group quorum", startup=True)
+        begun = time.time()
+        self.ft = ReplicaGroup(self.cfg.ft, self.live_state, self.load_live_state)
+        self.ft.set_step(self.step)
+        ready = True
+        if self.cfg.checkpoint.resume:
+            joined = self.ft.wait_for_everyone(self.cfg.ft.join_timeout_s)
+            self.log(f"replica group {self.rank}: {joined} of {self.cfg.ft.replicas} groups in the first quorum")
+        else:
+            self.ft.start_step()
+            if self.ft.healed_at is None and self.ft.participants() == 1 and self.cfg.checkpoint.enabled:
+                # no live peer left (they finished or died meanwhile): the disk is all there is
+                self.step = self.checkpointer.load_latest() or 0
+                self.ft.set_step(self.step)
+                self.log(f"replica group {self.rank}: no live peer to heal from; resumed from the newest "
+                         f"checkpoint (step {self.step})")
+                ready = False  # the next quorum carries that step
+        self.ft_ready, self.ft_failed, self.ft_last_commit = ready, None, time.time()
+        self.save_wanted = False
+        self.ft_previous: set[int] | None = None
+        self.ft_after_quorum(begun)
+
+    def ft_begin_step(self) -> None:
+        begun = time.time()
+        if not self.ft_ready:
+            # a rendezvous, with start-up's budget: with two groups, a hung peer that still heartbeats holds the
+            # quorum until its own watchdog ends it, and this group must outlive that wait
+            self.beat(f"quorum for step {self.step + 1}", startup=True)
+            self.ft.start_step()
+        self.ft_ready = False
+        self.ft_after_quorum(begun)
+
+    def ft_after_quorum(self, begun: float) -> None:
+        self.events.leads = self.ft.leads
+        if self.ft.healed_at is not None:
+            self.events.write("action", f"replica group {self.rank} copied the state of step {self.step} from a "
+                              f"live peer in {self.ft.healed_at - begun:.2f}s (no checkpoint read)", everyone=True,
+                              kind="heal", step=self.step, replica=self.rank, duration_s=self.ft.healed_at - begun)
+            self.ft.healed_at = None
+            self.guard.reset()
+
+    def ft_committed(self, step: int) -> None:
+        """A committed step: record a quorum that lost or regained groups since the last one (by whoever leads
+        now, so also when the group that led is the one that died)."""
+        members, previous = self.ft_members, self.ft_previous
+        lost = previous - members if previous is not None else set()
+        if self.ft_failed is not None or lost:
+            failed = self.ft_failed or step
+            self.events.fault("replica_lost" if lost else "step_failed",
+                              f"step {failed}: " + (f"replica group(s) {sorted(lost)} left the quorum" if lost else
+                                                    "the quorum's all-reduce or commit failed"),
+                              step=failed, at=self.ft_last_commit, rank=",".join(map(str, sorted(lost))) or "?")
+            if lost:
+                self.events.action("shrink", f"step {step}: training goes on with replica groups "
+                                   f"{sorted(members)}; no process restarted", step=step, replicas=len(members))
+            else:
+                self.events.action("retry", f"step {failed} ran again with replica groups {sorted(members)}; no "
+                                   "process restarted", step=step, replicas=len(members))
+        if previous is not None and members - previous:
+            self.events.action("grow", f"step {step}: replica group(s) {sorted(members - previous)} back in the "
+                               "quorum", step=step, replicas=len(members))
+        self.ft_failed, self.ft_previous, self.ft_last_commit = None, members, time.time()
+
+    def ft_mismatch(self) -> list[int]:
+        """The fingerprint check across replica groups: each puts its fingerprint in its own slot of one sum."""
+        n = self.cfg.ft.replicas
+        slots = torch.zeros(2 * n, dtype=torch.float64)
+        slots[self.rank] = 1
+        slots[n + self.rank] = parameter_fingerprint(self.parts) % 2 ** 52  # exact in a float64
+        self.ft.sum(slots)
+        if self.ft.errored():  # a group died meanwhile: the next step's quorum sorts it out
+            return []
+        return off_the_majority({i: slots[n + i].item() for i in range(n) if slots[i] > 0.5})
 
     def describe(self) -> str:
         layout = self.layout
@@ -603,6 +773,8 @@ class Trainer:
                                      trained_only=trained_only)
 
     def close(self) -> None:
+        if self.ft is not None:
+            self.ft.shutdown()
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
