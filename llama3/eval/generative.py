@@ -129,6 +129,7 @@ def complete(model, prompts: list[list[int]], *, max_new_tokens: int, stop: Sequ
     requests = [Request(p, max_tokens=max_new_tokens, emit=emitter(i), stop=stop,
                         params=SamplingParams(temperature=temperature, top_p=top_p, seed=seeds[i] if seeds else None))
                 for i, p in enumerate(prompts)]
+
     def wait(done: Callable[[], bool]) -> None:
         while not done():
             if not engine.alive:
