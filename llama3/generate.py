@@ -162,7 +162,10 @@ class DecodeStep:
         """The dtype of the KV caches this step should be given."""
         return cache_dtype(self.model, compiled=self.compile)
 
-    def __call__(self, tokens: Tensor, positions: Tensor, cache: KVCache, kv_len: int) -> Tensor:
+    def __call__(self, tokens: Tensor, positions: Tensor, cache: KVCache, kv_len: int, *,
+                 dynamic_batch: bool = False) -> Tensor:
+        """`cache` is a KVCache or anything with its `update` (a serving engine's paged batch). dynamic_batch: the
+        batch size changes from call to call (continuous batching): one graph serves them all, where it compiles."""
         if self.cuda_graphs:
             kv_len = cache.max_seq_len
         mask = torch.arange(kv_len, device=tokens.device) <= positions[:, None, :, None]  # (B, 1, T, kv_len)
@@ -170,7 +173,10 @@ class DecodeStep:
             return _decode(self.model, tokens, positions, cache, mask)
         if not self.cuda_graphs:
             torch._dynamo.mark_dynamic(mask, 3)
-        if cache is not self._seen_cache:  # each generation sizes its own cache
+        if dynamic_batch:  # "maybe": a batch of one is still compiled on its own (torch specializes size 1)
+            for t in (tokens, positions, mask):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        if isinstance(cache, KVCache) and cache is not self._seen_cache:  # each generation sizes its own cache
             for t in (cache.k, cache.v):
                 if self.cuda_graphs:
                     torch._dynamo.mark_static_address(t)

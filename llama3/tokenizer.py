@@ -298,7 +298,9 @@ class BPETokenizer(_TiktokenBase):
     def to_tokenizer_json(self) -> tuple[dict, dict]:
         """This tokenizer as Hugging Face files: the contents of tokenizer.json and tokenizer_config.json."""
         literal = self.special_ids | self.always_matched_ids
-        vocab = {t: i for i, t in enumerate(self.tokens) if t is not None and i not in literal}
+        # Every token stays in the BPE vocabulary, as Hugging Face's own files have it: `tokenizers` numbers an added
+        # token that the vocabulary lacks after the vocabulary, which would move <|im_start|> and its kind.
+        vocab = {t: i for i, t in enumerate(self.tokens) if t is not None}
         added = [{"id": i, "content": self.tokens[i], "special": i in self.special_ids, "single_word": False,
                   "lstrip": False, "rstrip": False, "normalized": False} for i in sorted(literal)]
         data = {

@@ -84,3 +84,16 @@ def test_converted_default_model_chats_the_same(ours, default_gguf_path, tmp_pat
     assert again.tokenizer.encode("1234 héllo  wörld\n\n<|im_end|>") == ours.tokenizer.encode("1234 héllo  wörld\n\n<|im_end|>")
     prompt = torch.tensor([ours.encode_chat(QUESTION)])
     assert torch.equal(again.model(prompt), ours.model(prompt))
+
+
+def test_converted_hf_tokenizer_reads_the_same_in_transformers(ours, default_gguf_path, tmp_path):
+    """The exported tokenizer files as transformers reads them: every special token keeps its id."""
+    transformers = pytest.importorskip("transformers")
+    from llama3.export import export
+    export(default_gguf_path, tmp_path, to="hf")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    expected = hf.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert list(expected) == ours.encode_chat(QUESTION)
+    text = "<|im_start|>user 1234 héllo  wörld\n\n<|im_end|>"
+    assert hf.encode(text, add_special_tokens=False) == ours.tokenizer.encode(text, allowed_special="all")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from llama3.eval.sandbox import SandboxLimits, pass_at_k, python_files, run_program, run_programs
+from llama3.eval.sandbox import (SandboxLimits, memory_limit_kind, pass_at_k, python_files, run_program,
+                                 run_programs)
 from llama3.eval.sandbox_child import landlock_abi
 
 FAST = SandboxLimits(timeout_s=2.5, cpu_seconds=1)
@@ -355,6 +356,44 @@ print(run_program("print('ran')", SandboxLimits(isolate=False)).stdout.strip())
 def test_memory_limit():
     result = run_program("x = bytearray(3 << 30)", replace(FAST, memory_bytes=512 << 20))
     assert not result.passed and "MemoryError" in result.stderr
+
+
+MEMORY_HOGS = """
+import os, time
+def hog():
+    held = []
+    try:
+        while True:
+            held.append(bytearray(8 << 20))  # zero-filled: the pages are really used
+    except MemoryError:
+        print(len(held) * 8, flush=True)  # MiB it got
+    time.sleep(1)  # holding it while the others take theirs
+children = []
+for _ in range(6):
+    pid = os.fork()
+    if pid == 0:
+        hog()
+        os._exit(0)
+    children.append(pid)
+for pid in children:
+    os.waitpid(pid, 0)
+hog()
+x = bytearray(4 << 30)
+"""
+
+
+def test_memory_of_all_processes_together_is_limited():
+    # without the audit hook (which refuses fork); six children and the program each take all they can get
+    limit = 512 << 20
+    hogs, after = run_programs([MEMORY_HOGS, "print('fine')"], replace(KERNEL_ONLY, memory_bytes=limit, timeout_s=20,
+                                                                       cpu_seconds=10), workers=1)
+    assert not hogs.passed and after.passed and after.stdout == "fine\n"  # one sample failed, the evaluator goes on
+    if memory_limit_kind() == "cgroup":  # killed as a group when they went over memory.max
+        assert "went over the memory limit (512 MiB)" in hogs.stderr, hogs.stderr
+    else:  # each process got at most its share of the address space
+        got = [int(line) for line in hogs.stdout.split()]
+        assert len(got) == 7 and max(got) <= (limit >> 20) // KERNEL_ONLY.processes and "MemoryError" in hogs.stderr
+        assert sum(got) <= limit >> 20
 
 
 def test_pass_at_k_matches_the_combinatorial_formula():

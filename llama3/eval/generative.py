@@ -80,13 +80,24 @@ def fit_prompt(ids: list[int], context: int, max_new_tokens: int) -> list[int]:
     return ids[-keep:]
 
 
+def shared_prefix(prompts: list[list[int]]) -> int:
+    """How many leading tokens every prompt has in common with the first."""
+    first, n = prompts[0], len(prompts[0])
+    for p in prompts[1:]:
+        n = next((i for i, (a, b) in enumerate(zip(first[:n], p)) if a != b), min(n, len(p)))
+    return n
+
+
 def complete(model, prompts: list[list[int]], *, max_new_tokens: int, stop: Sequence[str] = (),
              temperature: float = 0.0, top_p: float = 1.0, seeds: Sequence[int | None] | None = None,
-             max_batch: int = 16, progress: Callable[[int], None] | None = None) -> list[str]:
+             max_batch: int = 16, progress: Callable[[int], None] | None = None, prefix_caching: bool = True,
+             metrics=None) -> list[str]:
     """Every prompt's completion (a `Llama`'s model and tokenizer), from the engine that serves: continuous
     batching (a finished row takes the next prompt at the following step, so no row waits for the longest of
-    a batch), prompts that share their k-shot examples computed once where the engine caches prefixes, and
-    each completion cut at the first of the stop strings. Greedy unless temperature > 0."""
+    a batch), the k-shot examples that the prompts share computed once (prefix caching), decoding steps through
+    the model's `decode_step` (compiled when the model was loaded with compile=True), and each completion cut at
+    the first of the stop strings. Greedy unless temperature > 0. `metrics` (a ServeMetrics) collects the
+    engine's counters, the prefix cache's hits among them."""
     from llama3.generate import SamplingParams
     from llama3.serve.engine import Engine, Request
 
@@ -95,14 +106,18 @@ def complete(model, prompts: list[list[int]], *, max_new_tokens: int, stop: Sequ
     # the KV cache holds the longest prompt and its completion, not the model's whole context
     context = min(model.args.max_seq_len, max(map(len, prompts)) + max_new_tokens)
     engine = Engine(model.model, model.tokenizer, max_batch=min(max_batch, len(prompts)), max_context=context,
-                    max_queue=len(prompts), prefill_chunk=max(256, min(context, 2048)))
+                    max_queue=len(prompts), prefill_chunk=max(256, min(context, 2048)), prefix_caching=prefix_caching,
+                    metrics=metrics, decode_step=getattr(model, "decode_step", None))
     pieces: list[list[str]] = [[] for _ in prompts]
     errors: list[str] = []
     finished = threading.Semaphore(0)
+    first_output = threading.Event()
 
     def emitter(i: int):
         def emit(out) -> None:  # on the engine's thread
             pieces[i].append(out.text)
+            if i == 0:
+                first_output.set()
             if out.finish_reason is not None:
                 if out.error:
                     errors.append(out.error)
@@ -114,13 +129,24 @@ def complete(model, prompts: list[list[int]], *, max_new_tokens: int, stop: Sequ
     requests = [Request(p, max_tokens=max_new_tokens, emit=emitter(i), stop=stop,
                         params=SamplingParams(temperature=temperature, top_p=top_p, seed=seeds[i] if seeds else None))
                 for i, p in enumerate(prompts)]
+
+    def wait(done: Callable[[], bool]) -> None:
+        while not done():
+            if not engine.alive:
+                raise RuntimeError(f"the generation engine stopped: {engine.error!r}")
+
     engine.start()
     try:
-        engine.submit(requests)
+        # Prompts admitted together are computed together, each its own copy of the k-shot examples: so the first
+        # prompt goes alone, and the others, admitted once it has its first token, find those blocks cached.
+        if prefix_caching and len(prompts) > 1 and shared_prefix(prompts) >= engine.pool.block_size:
+            engine.submit(requests[:1])
+            wait(lambda: first_output.wait(timeout=1.0))
+            engine.submit(requests[1:])
+        else:
+            engine.submit(requests)
         for _ in requests:
-            while not finished.acquire(timeout=1.0):
-                if not engine.alive:
-                    raise RuntimeError(f"the generation engine stopped: {engine.error!r}")
+            wait(lambda: finished.acquire(timeout=1.0))
     finally:
         engine.stop()
     if errors:

@@ -36,10 +36,12 @@ _OUTPUT_TAIL = 2000  # characters of stdout/stderr kept in a result
 class SandboxLimits:
     timeout_s: float = 10.0  # wall clock
     cpu_seconds: int = 10
-    memory_bytes: int = 1 << 30  # address space
+    # all the program's processes together: a cgroup's memory.max where the machine allows one (memory_limit_kind),
+    # otherwise an address-space limit of memory_bytes / processes for each process
+    memory_bytes: int = 1 << 30
     file_bytes: int = 16 << 20  # largest file (stdout/stderr included)
     disk_bytes: int = 64 << 20  # the isolated work folder's size (a tmpfs)
-    processes: int = 16  # RLIMIT_NPROC (an isolated program never runs as root, whom the kernel exempts)
+    processes: int = 8  # RLIMIT_NPROC (an isolated program never runs as root, whom the kernel exempts)
     # False runs the program without namespaces, where it can read every file the evaluator can: only for
     # machines that cannot create them, and only when the user asks
     isolate: bool = True
@@ -90,6 +92,92 @@ def python_files() -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(read_only), tuple(hidden)
 
 
+@functools.cache
+def memory_cgroup_parent() -> str | None:
+    """Where each run gets a cgroup (v2) of its own, whose memory.max holds all its processes together: the
+    nearest cgroup at or above this process's that hands the memory controller to its children and lets this user
+    create one (the root cgroup; a systemd slice, whose units are siblings). None where there is none (cgroup v1
+    holds the memory controller, a container's cgroup namespace shows no such cgroup, or no permission)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            mount = next(line.split()[4] for line in f if line.partition(" - ")[2].startswith("cgroup2 "))
+        with open("/proc/self/cgroup") as f:
+            own = next(line[3:].strip() for line in f if line.startswith("0::"))
+    except (OSError, StopIteration):
+        return None
+    folder = os.path.normpath(os.path.join(mount, own.lstrip("/")))
+    while folder.startswith(mount):
+        try:
+            with open(os.path.join(folder, "cgroup.subtree_control")) as f:
+                if "memory" in f.read().split() and os.access(folder, os.W_OK):
+                    return folder
+        except OSError:
+            pass
+        if folder == mount:
+            return None
+        folder = os.path.dirname(folder)
+    return None
+
+
+def memory_limit_kind() -> str:
+    """How SandboxLimits.memory_bytes is enforced on this machine: "cgroup" (memory.max over every process of a
+    run) or "rlimit" (address space of memory_bytes / processes for each process, so that together they stay
+    within memory_bytes)."""
+    return "cgroup" if memory_cgroup_parent() else "rlimit"
+
+
+def _make_cgroup(limits: SandboxLimits) -> str | None:
+    parent = memory_cgroup_parent()
+    if parent is None:
+        return None
+    group = os.path.join(parent, f"llama3-sandbox-{secrets.token_hex(8)}")
+    try:
+        os.mkdir(group)
+    except OSError:
+        return None
+    settings = {"memory.max": limits.memory_bytes, "memory.swap.max": 0, "memory.oom.group": 1}
+    try:
+        for name, value in settings.items():
+            if name == "memory.max" or os.path.exists(os.path.join(group, name)):  # swap accounting may be off
+                with open(os.path.join(group, name), "w") as f:
+                    f.write(str(value))
+    except OSError:
+        _remove_cgroup(group)
+        return None
+    return group
+
+
+def _remove_cgroup(group: str) -> bool:
+    """Kill whatever is left in the run's cgroup and remove it. True when the memory limit killed something."""
+    def read(name: str) -> str:
+        try:
+            with open(os.path.join(group, name)) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    oom_kills = re.search(r"^oom_kill (\d+)", read("memory.events"), re.MULTILINE)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            os.rmdir(group)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                break  # a process stuck in the kernel: the empty cgroup stays, without harm
+            if os.path.exists(os.path.join(group, "cgroup.kill")):
+                with open(os.path.join(group, "cgroup.kill"), "w") as f:
+                    f.write("1")
+            else:
+                for pid in read("cgroup.procs").split():
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                    except OSError:
+                        pass
+            time.sleep(0.01)
+    return bool(oom_kills and int(oom_kills.group(1)))
+
+
 def run_program(source: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
     """Run Python source in a fresh folder under the limits and return what happened."""
     with tempfile.TemporaryDirectory(prefix="llama3-sandbox-") as tmp:
@@ -100,9 +188,12 @@ def run_program(source: str, limits: SandboxLimits = SandboxLimits()) -> Sandbox
         program.write_text(source)
         read_only, hidden = python_files() if limits.isolate else ((), ())
         uid = 2_000_000_000 + secrets.randbelow(100_000_000)  # root runs each program as a user id of its own
+        cgroup = _make_cgroup(limits)
         child_limits = {
             "cpu_seconds": max(1, math.ceil(limits.cpu_seconds)),
-            "memory_bytes": limits.memory_bytes,
+            # per process: all of it under a cgroup (a clean MemoryError, not a kill, for one large allocation)
+            "memory_bytes": limits.memory_bytes if cgroup else limits.memory_bytes // limits.processes,
+            "cgroup": cgroup,
             "file_bytes": limits.file_bytes,
             "processes": limits.processes,
             "isolate": limits.isolate,
@@ -120,23 +211,30 @@ def run_program(source: str, limits: SandboxLimits = SandboxLimits()) -> Sandbox
         env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
                "PYTHONDONTWRITEBYTECODE": "1"}
         start = time.perf_counter()
-        with open(logs / "stdout", "wb") as out, open(logs / "stderr", "wb") as err:
-            proc = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True)  # its own process group: killed as one
-            try:
-                returncode = proc.wait(timeout=limits.timeout_s)
-                timed_out = False
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                _kill_group(proc)
-            if timed_out:
-                returncode = proc.wait()
+        out_of_memory = False
+        try:
+            with open(logs / "stdout", "wb") as out, open(logs / "stderr", "wb") as err:
+                proc = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                        stderr=err, start_new_session=True)  # its own process group: killed as one
+                try:
+                    returncode = proc.wait(timeout=limits.timeout_s)
+                    timed_out = False
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                finally:
+                    _kill_group(proc)
+                if timed_out:
+                    returncode = proc.wait()
+        finally:
+            if cgroup:
+                out_of_memory = _remove_cgroup(cgroup)
         seconds = time.perf_counter() - start
         if status.exists():
             raise SandboxUnavailable(_UNAVAILABLE.format(status.read_text()))
         stdout = (logs / "stdout").read_bytes()[-_OUTPUT_TAIL * 4 :].decode("utf-8", "replace")[-_OUTPUT_TAIL:]
         stderr = (logs / "stderr").read_bytes()[-_OUTPUT_TAIL * 4 :].decode("utf-8", "replace")[-_OUTPUT_TAIL:]
+    if out_of_memory:
+        stderr += f"\nsandbox: killed: its processes together went over the memory limit ({limits.memory_bytes >> 20} MiB)"
     # SIGXCPU from the CPU limit is a timeout too, as far as the program is concerned
     if timed_out or returncode in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
         status = "timeout"

@@ -9,7 +9,8 @@ nothing from the package). The layers, outermost first; the first three are the 
      the process limit binds, and nothing it can see is writable); other users run in a user namespace with
      every capability dropped. If any of this fails the program does not run (STATUSFILE says why), unless
      the caller explicitly turned isolation off.
-  2. resource limits: CPU seconds, address space, file size, open files, no core dumps, process count;
+  2. resource limits: CPU seconds, address space, file size, open files, no core dumps, process count; and, where
+     the evaluator made one, a cgroup whose memory.max holds all the program's processes together;
   3. Landlock (Linux >= 5.13), when the kernel has it: files can be written only under the work folder, and
      from ABI 4 on no TCP connect or bind at all;
   4. an audit hook (PEP 578): turns most escapes into a clear "sandbox: ... is not allowed" error. Python code
@@ -318,9 +319,22 @@ def reap_as_init() -> None:
             os._exit(os.waitstatus_to_exitcode(status) % 256 if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 
 
+def join_cgroup(group: str) -> None:
+    """Move this process (and so every process it starts) into the run's cgroup, whose memory.max bounds them all."""
+    with open(os.path.join(group, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+
+
 def main() -> None:
     program, workdir, root, status_file, limits = sys.argv[1:5] + [json.loads(sys.argv[5])]
     others = 0
+    if limits["cgroup"]:
+        try:
+            join_cgroup(limits["cgroup"])
+        except OSError as e:  # not within its memory limit: the program does not run
+            with open(status_file, "w") as f:
+                f.write(f"joining the cgroup {limits['cgroup']}: {e}")
+            os._exit(125)
     if limits["isolate"]:
         others = 0 if os.getuid() == 0 else processes_of(os.getuid())
         try:

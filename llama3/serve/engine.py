@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..generate import SamplingParams, TextStream, TokenLogprob, adjust_logits, make_generator, sample, token_logprobs
+from ..generate import (DecodeStep, SamplingParams, TextStream, TokenLogprob, adjust_logits, make_generator, sample,
+                        token_logprobs)
 from ..model import Transformer
 from .metrics import ServeMetrics
 from .paged import BlockPool, paged_batch
@@ -105,7 +106,8 @@ class Request:
 class Engine:
     def __init__(self, model: Transformer, tokenizer, *, max_batch: int = 64, max_context: int | None = None,
                  max_queue: int = 64, prefill_chunk: int = 256, kv_cache_tokens: int | None = None,
-                 block_size: int = 16, prefix_caching: bool = True, metrics: ServeMetrics | None = None):
+                 block_size: int = 16, prefix_caching: bool = True, metrics: ServeMetrics | None = None,
+                 decode_step: DecodeStep | None = None):
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or (max_context is not None and max_context < 2):
             raise ValueError(f"need max_batch >= 1, max_queue >= 0, prefill_chunk >= 1 and max_context >= 2; got "
                              f"{max_batch}, {max_queue}, {prefill_chunk} and {max_context}")
@@ -125,6 +127,12 @@ class Engine:
                              f"({self.max_context} tokens)")
         self.pool = BlockPool(model.args, -(-kv_cache_tokens // block_size) + 1, block_size, dtype=weight.dtype,
                               device=self.device, prefix_caching=prefix_caching)
+        # How a decoding step runs (prefills stay eager): a compiled DecodeStep turns ~30 layers of Python per token
+        # into one call. Its graph serves every batch size, block-table width and, reused by a later engine, pool.
+        self.decode_step = decode_step  # None: the model's plain forward
+        if decode_step is not None and decode_step.compile:
+            for t in (self.pool.k, self.pool.v):
+                torch._dynamo.mark_dynamic(t, 1)
         self._waiting: deque[Request] = deque()  # guarded by _cond
         self._cond = threading.Condition()
         self._running: list[Request] = []  # engine thread only, oldest first
@@ -271,10 +279,27 @@ class Engine:
             i += 1
         if not running:
             return
-        tokens = torch.tensor([[r.last_token] for r in running], device=self.device)  # (B, 1)
-        positions = [[r.cached] for r in running]
-        batch = paged_batch(pool, [r.blocks for r in running], positions)
-        logits = self.model(tokens, torch.tensor(positions, device=self.device), batch)[:, -1]  # (B, vocab)
+        tokens, positions = [[r.last_token] for r in running], [[r.cached] for r in running]  # (B, 1) each
+        tables, slots = [r.blocks for r in running], positions
+        compiled = self.decode_step is not None and self.decode_step.compile
+        if compiled and len(running) == 1:
+            # torch compiles a batch of one apart from larger ones: a scratch row keeps one graph for all
+            tokens, positions, tables, slots = tokens + [[0]], positions + [[0]], tables + [[]], slots + [[-1]]
+        batch = paged_batch(pool, tables, slots)
+        tokens, positions = torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device)
+        kv_len = max(r.cached for r in running) + 1
+        if self.decode_step is None:
+            logits = self.model(tokens, positions, batch)
+        else:
+            if compiled:
+                for t in (batch.tables, batch.slots):
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(batch.tables, 1)
+                # whole blocks (the mask hides the rest): a graph traced at a kv_len inside a block would not
+                # serve one at a block's end, where reading the blocks needs no cut
+                kv_len = pool.blocks_for(kv_len) * pool.block_size
+            logits = self.decode_step(tokens, positions, batch, kv_len=kv_len, dynamic_batch=True)
+        logits = logits[:len(running), -1]  # (B, vocab)
         self.metrics.batch_size.observe(len(running))
         next_ids = self._sample(logits, running)
         for req, token in zip(list(running), next_ids):

@@ -132,11 +132,13 @@ class PagedBatch:
         """Store this pass's keys/values (B, T, n_kv_heads, head_dim); return each row's first kv_len positions."""
         pool = self.pool
         n = pool.blocks_for(kv_len)
+        # One index_put_ on the whole pool (not on a per-layer view): torch.compile then updates it in place
+        # instead of copying the pool for every layer.
+        index = (torch.full_like(self.slots, layer), self.slots // pool.block_size, self.slots % pool.block_size)
         out = []
-        for cache, x in ((pool.k[layer], xk), (pool.v[layer], xv)):
-            flat = cache.view(-1, *cache.shape[2:])  # (num_blocks * block_size, n_kv_heads, head_dim)
-            flat.index_copy_(0, self.slots.flatten(), x.flatten(0, 1).to(cache.dtype))
-            out.append(cache[self.tables[:, :n]].flatten(1, 2)[:, :kv_len])  # (B, kv_len, n_kv_heads, head_dim)
+        for cache, x in ((pool.k, xk), (pool.v, xv)):
+            cache.index_put_(index, x.to(cache.dtype))
+            out.append(cache[layer][self.tables[:, :n]].flatten(1, 2)[:, :kv_len])  # (B, kv_len, n_kv_heads, hd)
         return out[0], out[1]
 
 
