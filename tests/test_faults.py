@@ -273,3 +273,13 @@ def test_export_to_meta_layout(fault_free, tmp_path):
     train(TINY + [f"run.dir={tmp_path}", "checkpoint.export_layout=meta"])
     assert (tmp_path / "model" / "consolidated.00.pth").exists()
     assert_same_params(final_params(tmp_path), final_params(run))
+
+
+def test_taking_the_state_of_a_fresh_optimizer_leaves_it_fresh():
+    """DCP gives an optimizer that has not stepped a zero step (Adam's count 1); a snapshot taken then must not
+    change the updates that follow."""
+    from llama3.train.checkpoint import OptimizerState
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    OptimizerState([model], [opt]).state_dict()
+    assert not opt.state

@@ -72,8 +72,14 @@ class OptimizerState(Stateful):
         self.options = StateDictOptions(flatten_optimizer_state_dict=True)
 
     def state_dict(self) -> dict:
-        return {k: v for part, opt in zip(self.parts, self.optimizers)
-                for k, v in get_optimizer_state_dict(part, opt, options=self.options).items()}
+        # DCP fills an optimizer that has not stepped yet with a zero step (Adam's step count becomes 1), which
+        # would change every later update: such an optimizer is handed back as it was.
+        fresh = [opt for opt in self.optimizers if not opt.state]
+        state = {k: v for part, opt in zip(self.parts, self.optimizers)
+                 for k, v in get_optimizer_state_dict(part, opt, options=self.options).items()}
+        for opt in fresh:
+            opt.state.clear()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         for part, opt in zip(self.parts, self.optimizers):

@@ -276,7 +276,7 @@ class Trainer:
             self.checkpointer.newest_valid_step()
         self.faults_before = sum(e["event"] == "fault" for e in read_events(self.run_dir)) if is_rank0() else 0
         self.record_start(restarted)
-        if cfg.checkpoint.memory_every:
+        if cfg.checkpoint.memory_every and self.step:  # a fresh run's first copy is taken after memory_every steps
             self.memory.save(self.step)
 
         if cfg.metrics.peak_tflops:
