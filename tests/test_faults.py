@@ -125,6 +125,14 @@ def test_a_failing_save_keeps_training_and_the_previous_checkpoint(fault_free, t
     assert_same_params(final_params(tmp_path), final_params(run))
 
 
+def test_a_failing_final_save_is_written_again(fault_free, tmp_path):
+    run, losses = fault_free
+    assert train(TINY + [f"run.dir={tmp_path}", "faults.inject=['fail_save:step=8']"]) == losses
+    assert lines(tmp_path, "fault", kind="save_failed", step=8) and lines(tmp_path, "action", kind="retry", step=8)
+    assert lines(tmp_path, "recovered", kind="save_failed")
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000008"
+
+
 # ---- the loss guard ----------------------------------------------------------------------------------------------
 
 def test_a_nan_step_is_skipped(tmp_path):

@@ -503,7 +503,7 @@ class Trainer:
         self.beat("final checkpoint and export")
         writes = self.ft is None or self.events.leads
         if cfg.checkpoint.enabled and writes:
-            self.checkpointer.save(self.step, block=True)
+            self.save_final()
         for part in self.parts:
             part.eval()
         self.output = self.task.export(self) if cfg.checkpoint.export and writes else None
@@ -615,6 +615,17 @@ class Trainer:
             tmp = self.run_dir / f"skip_steps.json.{os.getpid()}.tmp"
             tmp.write_text(json.dumps(sorted(self.skip_steps)))
             tmp.replace(self.run_dir / "skip_steps.json")
+
+    def save_final(self) -> None:
+        """The last steps exist only in memory until this save: a failed one is tried again, and a second failure
+        is an error (the run exits non-zero) rather than an "end" line for steps that were not kept."""
+        if self.checkpointer.save(self.step, block=True):
+            return
+        self.events.action("retry", f"the final checkpoint of step {self.step} is written again", step=self.step)
+        if not self.checkpointer.save(self.step, block=True):
+            raise RuntimeError(f"the final checkpoint of step {self.step} could not be written twice (events.log "
+                               f"says why); the newest on disk is {self.checkpointer.newest_valid_step()}")
+        self.events.productive(self.step)
 
     def rollback(self, reason: str) -> None:
         """Back to the newest valid checkpoint; the steps since then run again (skipping the skip_steps)."""
