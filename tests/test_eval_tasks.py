@@ -245,6 +245,21 @@ def test_compiled_generation_gives_the_same_answers(llama):
     assert len({s["completion"] for s in eager.samples}) > 1  # the items' answers differ
 
 
+@pytest.mark.slow  # compiles the decoding step of an int8 model
+def test_compiled_quantized_generation_gives_the_quantized_answers(llama):
+    import copy
+
+    from llama3.llama import Llama
+    from llama3.quantize import quantize_model
+
+    int8 = quantize_model(copy.deepcopy(llama.model), "int8")
+    eager, compiled = (Llama(int8, llama.tokenizer, None, compile=c) for c in (False, True))
+    options = EvalOptions(shots=1, max_new_tokens=16, batch_size=3)
+    slow, fast = (evaluate(m, "gsm8k", options=options) for m in (eager, compiled))
+    assert compiled.decode_step.compile_seconds > 0
+    assert [s["completion"] for s in fast.samples] == [s["completion"] for s in slow.samples]
+
+
 def test_perplexity_matches_one_pass_over_a_short_file(llama, tmp_path):
     import torch
 
