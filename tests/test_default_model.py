@@ -20,6 +20,20 @@ def ours(default_gguf_path):
 
 
 @pytest.fixture(scope="module")
+def exported(default_gguf_path, tmp_path_factory):
+    """The default model converted to a layout, once per layout for the module."""
+    from llama3.export import export
+    folders = {}
+
+    def folder(layout):
+        if layout not in folders:
+            folders[layout] = tmp_path_factory.mktemp(layout)
+            export(default_gguf_path, folders[layout], to=layout)
+        return folders[layout]
+    return folder
+
+
+@pytest.fixture(scope="module")
 def hf(default_gguf_path):
     transformers = pytest.importorskip("transformers")
     kw = dict(gguf_file=default_gguf_path.name)
@@ -76,22 +90,18 @@ def test_cli_reports_bad_model_path_clearly(tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["hf", "meta"])
-def test_converted_default_model_chats_the_same(ours, default_gguf_path, tmp_path, layout):
-    from llama3.export import export
-    export(default_gguf_path, tmp_path / layout, to=layout)
-    again = llama3.load(tmp_path / layout)
+def test_converted_default_model_chats_the_same(ours, exported, layout):
+    again = llama3.load(exported(layout))
     assert again.encode_chat(QUESTION) == ours.encode_chat(QUESTION)
     assert again.tokenizer.encode("1234 héllo  wörld\n\n<|im_end|>") == ours.tokenizer.encode("1234 héllo  wörld\n\n<|im_end|>")
     prompt = torch.tensor([ours.encode_chat(QUESTION)])
     assert torch.equal(again.model(prompt), ours.model(prompt))
 
 
-def test_converted_hf_tokenizer_reads_the_same_in_transformers(ours, default_gguf_path, tmp_path):
+def test_converted_hf_tokenizer_reads_the_same_in_transformers(ours, exported):
     """The exported tokenizer files as transformers reads them: every special token keeps its id."""
     transformers = pytest.importorskip("transformers")
-    from llama3.export import export
-    export(default_gguf_path, tmp_path, to="hf")
-    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(exported("hf"))
     expected = hf.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True)
     expected = expected["input_ids"] if hasattr(expected, "keys") else expected
     assert list(expected) == ours.encode_chat(QUESTION)
