@@ -12,7 +12,7 @@ from llama3.finetune import finetune
 
 QUICK = ["training.batch_size=4", "training.log_every=1", "optim.warmup_steps=2", "eval.every=2", "eval.steps=2",
          "data.val_fraction=0.03", "metrics.peak_tflops=1", "metrics.tensorboard=false", "metrics.plot=false",
-         "data.seq_len=128", "training.steps=3", "optim.lr=1e-2", "lora.dropout=0"]
+         "data.seq_len=64", "training.steps=3", "optim.lr=1e-2", "lora.dropout=0"]
 
 
 def metrics(run_dir):

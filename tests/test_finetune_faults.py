@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(300)
 
 QUICK = ["training.batch_size=4", "training.log_every=1", "optim.warmup_steps=2", "eval.every=-1",
          "data.val_fraction=0.03", "metrics.peak_tflops=1", "metrics.tensorboard=false", "metrics.plot=false",
-         "data.seq_len=96", "training.steps=6", "optim.lr=1e-2", "checkpoint.every=2", "lora.rank=4"]
+         "data.seq_len=64", "training.steps=6", "optim.lr=1e-2", "checkpoint.every=2", "lora.rank=4"]
 
 
 def adapter(run_dir) -> dict[str, torch.Tensor]:
