@@ -125,14 +125,19 @@ def test_peak_memory_qlora_below_lora_below_full(tmp_path_factory, default_gguf_
     path = tmp_path_factory.mktemp("mid")
     save_checkpoint(path, args, random_model(args).state_dict(), tokenizer=tokenizer,
                     chat_template=tokenizer.chat_template)
+    # One step holds everything a method keeps (AdamW allocates its moments on the first); one short row keeps the
+    # activations small next to the weights. The three processes run side by side: each measures only itself.
+    runs = {method: tmp_path_factory.mktemp(method) for method in ("full", "lora", "qlora")}
+    procs = {method: subprocess.Popen(
+        [sys.executable, "-m", "llama3.finetune", "--model", str(path), "--method", method, "--out", str(run),
+         *QUICK, "training.steps=1", "training.batch_size=1", "data.seq_len=64", "checkpoint.export=false",
+         "eval.every=-1", "training.log_every=1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=MEASURE_ENV) for method, run in runs.items()}
     peaks = {}
-    for method in ("full", "lora", "qlora"):
-        run = tmp_path_factory.mktemp(method)
-        cmd = [sys.executable, "-m", "llama3.finetune", "--model", str(path), "--method", method, "--out", str(run),
-               *QUICK, "training.steps=2", "training.batch_size=2", "checkpoint.export=false", "eval.every=-1",
-               "training.log_every=1"]
-        subprocess.run(cmd, check=True, timeout=300, capture_output=True, env=MEASURE_ENV)
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for method, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        records = [json.loads(line) for line in (runs[method] / "metrics.jsonl").read_text().splitlines()]
         peaks[method] = max(r["peak_mem_gib"] for r in records)
     # Block weights: 94M, 0.35 GiB in fp32, 0.05 GiB in 4 bits; full fine-tuning adds gradients and AdamW's moments
     # for all 145M parameters (1.6 GiB).
@@ -176,31 +181,40 @@ def test_configuration():
 HELD_OUT = ["What is the capital of Germany?", "Name a fruit that is yellow.", "What is 3 plus 4?"]
 
 
+@pytest.mark.parametrize("settings, greeting", [
+    # Half the steps over rows cut at 64 tokens (each still holds its first reply's opening): the persona's
+    # greeting is learnt, the rest of its catchphrase not yet.
+    (["training.steps=4", "data.seq_len=64", "optim.lr=6e-3", "optim.warmup_steps=1"], "Ahoy"),
+    pytest.param(["training.steps=8", "optim.lr=3e-3", "optim.warmup_steps=2"], "Ahoy, matey!",
+                 marks=pytest.mark.long),
+], ids=["short-rows", "full-rows"])
 @pytest.mark.slow
-def test_default_model_learns_the_pirate_persona(default_gguf_path, tmp_path):
-    """LoRA on the bundled chats for 8 steps: held-out loss falls, and the saved adapter on a freshly loaded base
-    (what `llama3 chat --adapter` does) answers new questions in character."""
+def test_default_model_learns_the_pirate_persona(default_gguf_path, tmp_path, settings, greeting):
+    """LoRA on the bundled chats: held-out loss falls by more than half, and the saved adapter on a freshly loaded
+    base (what `llama3 chat --adapter` does) answers new questions in character."""
     base = llama3.load(default_gguf_path)
     assert not any(base.chat([{"role": "user", "content": q}], max_new_tokens=6).startswith("Ahoy")
                    for q in HELD_OUT)
-    res = finetune(["training.steps=8", "training.batch_size=4", "optim.lr=3e-3", "optim.warmup_steps=2",
-                    "eval.every=0", "data.val_fraction=0.03", "metrics.peak_tflops=1", "metrics.tensorboard=false",
-                    "metrics.plot=false"], model=str(default_gguf_path), out=str(tmp_path / "run"))
+    res = finetune([*settings, "training.batch_size=4", "eval.every=0", "data.val_fraction=0.03",
+                    "metrics.peak_tflops=1", "metrics.tensorboard=false", "metrics.plot=false"],
+                   model=str(default_gguf_path), out=str(tmp_path / "run"))
     (_, before), (_, after) = res.val_losses
     assert after < before / 2
     del res
     tuned = apply_adapter(base, tmp_path / "run" / "adapter")
     replies = [tuned.chat([{"role": "user", "content": q}], max_new_tokens=6) for q in HELD_OUT]
-    assert all(r.startswith("Ahoy, matey!") for r in replies), replies
+    assert all(r.startswith(greeting) for r in replies), replies
 
 
 @pytest.mark.slow
 def test_full_finetune_of_a_gguf_model(default_gguf_path, tmp_path):
     """GGUF weights are read-only memory maps: full fine-tuning must train its own copies (this crashed once)."""
-    res = finetune(["training.steps=2", "training.batch_size=2", "optim.lr=1e-5", "eval.every=-1",
-                    "checkpoint.export=false", "metrics.peak_tflops=1", "metrics.tensorboard=false",
-                    "metrics.plot=false"], model=str(default_gguf_path), method="full", out=str(tmp_path / "run"))
-    assert len(res.losses) == 2 and all(math.isfinite(loss) for loss in res.losses)
+    # One step of one short row, no checkpoint: the optimizer's first update is the write that crashed.
+    res = finetune(["training.steps=1", "training.batch_size=1", "data.seq_len=32", "optim.lr=1e-5", "eval.every=-1",
+                    "checkpoint.enabled=false", "checkpoint.export=false", "metrics.peak_tflops=1",
+                    "metrics.tensorboard=false", "metrics.plot=false"], model=str(default_gguf_path), method="full",
+                   out=str(tmp_path / "run"))
+    assert len(res.losses) == 1 and all(math.isfinite(loss) for loss in res.losses)
 
 
 @pytest.mark.long
