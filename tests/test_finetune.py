@@ -24,7 +24,7 @@ from llama3.train.data import document_mask
 
 QUICK = ["training.batch_size=4", "training.log_every=100", "optim.warmup_steps=2", "eval.every=0", "eval.steps=2",
          "data.val_fraction=0.03", "metrics.peak_tflops=1", "metrics.tensorboard=false", "metrics.plot=false",
-         "data.seq_len=128"]
+         "data.seq_len=64"]
 
 
 def first_prompt_logits(llm, record_line=0):
