@@ -108,9 +108,10 @@ def test_onednn_linears_need_fp32_on_cpu():
         use_onednn_linears(random_model(tiny_args()).to(torch.bfloat16))
 
 
-def int8_blocks(x: torch.Tensor) -> torch.Tensor:
-    """x rounded as the AVX2 kernels round activations: int8 per block of 32, scale max|x| / 127."""
-    blocks = x.reshape(*x.shape[:-1], -1, 32)
+def int8_blocks(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """x rounded as the AVX2 kernels round activations: int8 per block of 32 (256 for GGUF K-quant weights), scale
+    max|x| / 127."""
+    blocks = x.reshape(*x.shape[:-1], -1, block)
     d = blocks.abs().amax(dim=-1, keepdim=True) / 127
     return (torch.round(blocks / torch.where(d > 0, d, 1)) * d).reshape(x.shape)
 
@@ -140,4 +141,34 @@ def test_avx2_kernels_compute_the_dequantized_weights_on_int8_activations(scheme
             expected = int8_blocks(x) @ dense.t()
         else:
             expected = int8_blocks(x) @ (dense - offsets).t() + x @ offsets.t()
+        assert (out - expected).abs().max() <= 1e-5 * expected.abs().max(), rows
+
+
+def random_kquant_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """(rows, bytes per row) of random GGUF super-blocks: every bit pattern of codes and scales, finite fp16 d."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    size = {"Q4_K": 144, "Q6_K": 210}[kind]
+    raw = rng.integers(0, 256, (rows, cols // 256, size), dtype=np.uint8)
+    for at in (0, 2) if kind == "Q4_K" else (208,):  # d (and Q4_K's dmin)
+        raw[..., at:at + 2] = (rng.standard_normal(raw.shape[:2]) * 0.01).astype(np.float16)[..., None].view(np.uint8)
+    return torch.from_numpy(raw.reshape(rows, -1))
+
+
+@pytest.mark.skipif(avx2_kernels() is None, reason="our kernels run on AVX2-only CPUs with a C compiler")
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("in_features", [256, 768])
+def test_kquant_kernels_compute_the_gguf_packages_weights_on_int8_activations(kind, in_features):
+    import gguf
+    from llama3.quantize import KQuantEmbedding, KQuantLinear
+    blocks = random_kquant_blocks(kind, 72, in_features)
+    dense = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType[kind]))
+    layer = KQuantLinear(blocks, kind, in_features)
+    tokens = torch.tensor([[3, 0, 71], [5, 5, 9]])
+    assert torch.equal(KQuantEmbedding(blocks, kind, in_features)(tokens), dense[tokens])  # the package's values
+    for rows in range(1, AVX2_KERNEL_ROWS + 2):  # the kernel's rows, then a dequantized tile's
+        x = torch.randn(rows, in_features) * torch.linspace(0.1, 10, in_features)  # blocks of different ranges
+        out = layer(x)
+        # the kernel's sums are exact integers of the int8 activations and the blocks' codes
+        expected = (x if rows > AVX2_KERNEL_ROWS else int8_blocks(x, 256)).double() @ dense.double().t()
         assert (out - expected).abs().max() <= 1e-5 * expected.abs().max(), rows
