@@ -8,7 +8,7 @@ from llama3.generate import DecodeStep, generate_tokens
 from llama3.quantize import (AVX2_KERNEL_ROWS, Int4Linear, Int8Linear, dequantize_int4, quantize_int4, quantize_int8,
                              quantize_model)
 
-from conftest import random_model, tiny_args
+from conftest import random_kquant_blocks, random_model, tiny_args
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -142,17 +142,6 @@ def test_avx2_kernels_compute_the_dequantized_weights_on_int8_activations(scheme
         else:
             expected = int8_blocks(x) @ (dense - offsets).t() + x @ offsets.t()
         assert (out - expected).abs().max() <= 1e-5 * expected.abs().max(), rows
-
-
-def random_kquant_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
-    """(rows, bytes per row) of random GGUF super-blocks: every bit pattern of codes and scales, finite fp16 d."""
-    import numpy as np
-    rng = np.random.default_rng(seed)
-    size = {"Q4_K": 144, "Q6_K": 210}[kind]
-    raw = rng.integers(0, 256, (rows, cols // 256, size), dtype=np.uint8)
-    for at in (0, 2) if kind == "Q4_K" else (208,):  # d (and Q4_K's dmin)
-        raw[..., at:at + 2] = (rng.standard_normal(raw.shape[:2]) * 0.01).astype(np.float16)[..., None].view(np.uint8)
-    return torch.from_numpy(raw.reshape(rows, -1))
 
 
 @pytest.mark.skipif(avx2_kernels() is None, reason="our kernels run on AVX2-only CPUs with a C compiler")
