@@ -408,9 +408,20 @@ static inline __attribute__((always_inline)) void q4k_dot(const uint8_t* w, cons
     }
 }
 
+/* Q6_K codes (0..63) of half h of a block: q[k] holds weights 128h + 32k .. 128h + 32k + 31. */
+static inline void q6k_codes(const uint8_t* blk, int h, __m256i q[4]) {
+    const __m256i low = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x03);
+    const __m256i v0 = _mm256_loadu_si256((const __m256i*)(blk + 64 * h));
+    const __m256i v1 = _mm256_loadu_si256((const __m256i*)(blk + 64 * h + 32));
+    const __m256i vh = _mm256_loadu_si256((const __m256i*)(blk + 128 + 32 * h));
+    const __m256i lows[4] = {_mm256_and_si256(v0, low), _mm256_and_si256(v1, low),
+                             _mm256_and_si256(_mm256_srli_epi16(v0, 4), low), _mm256_and_si256(_mm256_srli_epi16(v1, 4), low)};
+    for (int k = 0; k < 4; k++)
+        q[k] = _mm256_or_si256(lows[k], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(vh, 2 * k), two), 4));
+}
+
 static inline __attribute__((always_inline)) void q6k_dot(const uint8_t* w, const xblock* x, int64_t nb,
                                                           int64_t xstride, int rows, float* out, int64_t ostride) {
-    const __m256i low = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x03);
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t* blk = w + 210 * b;
@@ -421,14 +432,8 @@ static inline __attribute__((always_inline)) void q6k_dot(const uint8_t* w, cons
             isum[i] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(
                 _mm256_madd_epi16(sc, _mm256_loadu_si256((const __m256i*)x[i * xstride + b].sum16)), 5));
         for (int h = 0; h < 2; h++) {
-            const uint8_t* ql = blk + 64 * h;
-            const __m256i v0 = _mm256_loadu_si256((const __m256i*)ql), v1 = _mm256_loadu_si256((const __m256i*)(ql + 32));
-            const __m256i vh = _mm256_loadu_si256((const __m256i*)(blk + 128 + 32 * h));
-            __m256i q[4] = {
-                _mm256_or_si256(_mm256_and_si256(v0, low), _mm256_slli_epi16(_mm256_and_si256(vh, two), 4)),
-                _mm256_or_si256(_mm256_and_si256(v1, low), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(vh, 2), two), 4)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 4), low), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(vh, 4), two), 4)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v1, 4), low), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(vh, 6), two), 4))};
+            __m256i q[4];
+            q6k_codes(blk, h, q);
             /* scales of half h, both lanes; group k takes s[8h + 2k] in its low 16 weights, s[8h + 2k + 1] above */
             const __m256i sh = _mm256_permute2x128_si256(sc, sc, h ? 0x11 : 0x00);
             for (int k = 0; k < 4; k++) {
@@ -517,15 +522,20 @@ void kq_dequantize(int kind, const uint8_t* w, int64_t K, const int64_t* rows, i
             } else {
                 const float d = fp16(blk + 208);
                 const int8_t* sc = (const int8_t*)(blk + 192);
-                for (int h = 0; h < 2; h++)
-                    for (int l = 0; l < 32; l++) {
-                        const uint8_t a = blk[64 * h + l], c = blk[64 * h + l + 32], hb = blk[128 + 32 * h + l];
-                        const int is = 8 * h + l / 16;
-                        o[128 * h + l] = (d * sc[is]) * (float)((int)((a & 0xF) | ((hb & 3) << 4)) - 32);
-                        o[128 * h + l + 32] = (d * sc[is + 2]) * (float)((int)((c & 0xF) | (((hb >> 2) & 3) << 4)) - 32);
-                        o[128 * h + l + 64] = (d * sc[is + 4]) * (float)((int)((a >> 4) | (((hb >> 4) & 3) << 4)) - 32);
-                        o[128 * h + l + 96] = (d * sc[is + 6]) * (float)((int)((c >> 4) | (((hb >> 6) & 3) << 4)) - 32);
+                for (int h = 0; h < 2; h++) {
+                    __m256i q[4];
+                    uint8_t codes[32];
+                    q6k_codes(blk, h, q);
+                    for (int k = 0; k < 4; k++) {
+                        _mm256_storeu_si256((__m256i*)codes, q[k]);
+                        for (int i = 0; i < 4; i++) {
+                            __m256i c = _mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(codes + 8 * i))),
+                                                         _mm256_set1_epi32(32));
+                            _mm256_storeu_ps(o + 128 * h + 32 * k + 8 * i, _mm256_mul_ps(
+                                _mm256_set1_ps(d * sc[8 * h + 2 * k + i / 2]), _mm256_cvtepi32_ps(c)));
+                        }
                     }
+                }
             }
         }
     }
