@@ -148,9 +148,16 @@ def bytes_per_token(path: Path) -> int:
     return sum(t.nbytes for name, t in tensors.items() if len(t.shape) == 2 and (tied or name != "token_embd.weight"))
 
 
-def ours_bytes_per_token(weights_mb: float, args: ModelArgs) -> float:
-    """Our model's bytes (as loaded) less the int8 embedding rows we only look up, when the output is separate."""
-    return weights_mb * 1e6 - (0 if args.tie_embeddings else args.vocab_size * (args.dim + 2))
+def ours_bytes_per_token(weights_mb: float, args: ModelArgs, path: Path, engine: str) -> float:
+    """Our model's bytes (as loaded) less the embedding rows we only look up, when the output is separate: the
+    file's own blocks where int4 keeps them (Q4_K / Q6_K on AVX2), int8 rows otherwise."""
+    if args.tie_embeddings:
+        return weights_mb * 1e6
+    from llama3.fast import KQUANT_TYPES, avx2_kernels
+    from llama3.weights.gguf import GGUFFile
+    embedding = GGUFFile(path).tensors["token_embd.weight"]
+    kept = engine == "ours-int4" and embedding.kind in KQUANT_TYPES and avx2_kernels() is not None
+    return weights_mb * 1e6 - (embedding.nbytes if kept else args.vocab_size * (args.dim + 2))
 
 
 # ---- the run -------------------------------------------------------------------------------------------------------
@@ -189,7 +196,8 @@ def main() -> None:
             results = json.loads(out.read_text())["results"]
             file_bytes = bytes_per_token(path)
             for engine, r in results.items():
-                read = file_bytes if engine == "llamacpp" else ours_bytes_per_token(r["weights_mb"], model_args)
+                read = (file_bytes if engine == "llamacpp" else
+                        ours_bytes_per_token(r["weights_mb"], model_args, path, engine))
                 r["first_load_s"] = first_load_s if engine == OURS[kind] else None
                 rows.append((shape, kind, engine, r, read, read * r["decode_tok_s"] / bandwidth))
     print(f"\nload average at end {os.getloadavg()}; roof = bytes per token x decode tok/s / copy bandwidth "
