@@ -7,6 +7,9 @@ Schemes:
         min/max, q in 0..15: w = (q - 8) * scale + zero, the convention of torch's int4 kernels).
 In both, the embedding and output matrices stay 8-bit per row (llama.cpp's 4-bit files keep them at 8 bits too):
 they are the largest and most sensitive matrices, and with tied embeddings they are one tensor.
+Loading a GGUF file as int4 on a CPU where our AVX2 kernels run, its Q4_K and Q6_K tensors (the whole of a Q4_K_M
+file but its norms: layers, output, embedding) instead stay the file's super-blocks byte for byte (KQuantLinear,
+KQuantEmbedding: 4.5 / 6.56 bits a weight, multiplied as stored); other types, and other CPUs, take the forms above.
 
 On CPU the matmuls of a few rows (decoding) run in torch's own kernels (`_weight_int8pack_mm`,
 `_weight_int4pack_mm_for_cpu`), which are fast only with bf16 activations. What the rest of the model computes in
