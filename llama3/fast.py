@@ -364,9 +364,9 @@ static inline __m128i q4k_scales(const uint8_t* s) {
     uint32_t u[3];
     memcpy(u, s, 12);
     const uint32_t six = 0x3f3f3f3f, four = 0x0f0f0f0f, two = 0x03030303;
-    uint32_t v[4] = {u[0] & six, (u[2] & four) | (((u[0] >> 6) & two) << 4),
-                     u[1] & six, ((u[2] >> 4) & four) | (((u[1] >> 6) & two) << 4)};
-    return _mm_loadu_si128((const __m128i*)v);
+    /* built in registers: four 32-bit stores read back as one 128-bit load would stall store forwarding */
+    return _mm_setr_epi32((int)(u[0] & six), (int)((u[2] & four) | (((u[0] >> 6) & two) << 4)),
+                          (int)(u[1] & six), (int)(((u[2] >> 4) & four) | (((u[1] >> 6) & two) << 4)));
 }
 
 /* sum over `nb` blocks of one Q4_K row times `rows` quantized x rows (x rows `xstride` blocks apart). */
