@@ -44,7 +44,7 @@ import gguf.quants
 
 from .args import ModelArgs
 from .fast import (KQUANT_TYPES, avx2_kernels, int4_dequantize_avx2, int4_linear_avx2, int8_linear_avx2,
-                   kquant_dequantize_avx2, kquant_linear_avx2)
+                   kquant_dequantize_avx2, kquant_linear)
 from .model import Transformer, meta_model
 from .weights import Checkpoint
 from .weights.gguf import GGUFTensor, dequantize
@@ -296,7 +296,7 @@ class KQuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features).float()
         if x2.shape[0] <= AVX2_KERNEL_ROWS:
-            out = kquant_linear_avx2(x2, self.weight, self.type_id)
+            out = kquant_linear(x2, self.weight, self.type_id)
         else:
             out = _tiled_matmul(x2, self.out_features, self.dequantize_rows)
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
