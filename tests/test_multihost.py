@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(400),
               pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
                                  reason="needs root and iproute2 (network namespaces)")]
 PORT = 29400  # inside the namespaces: nothing else listens there
+STEPS = 160
 
 
 def ip(*args: str) -> None:
@@ -38,7 +39,15 @@ class Hosts:
         self.switch = f"{self.tag}-sw"
         self.names = [f"{self.tag}-h{i}" for i in range(n)]
         self.addrs = [f"10.77.0.{i + 1}" for i in range(n)]
-        self.procs: list[subprocess.Popen | None] = [None] * n
+        self.procs: list[subprocess.Popen | None] = [None] * n  # each host's launcher
+        self.started: list[subprocess.Popen] = []  # every process started in a host
+        try:
+            self.build()
+        except BaseException:
+            self.close()  # what was made so far
+            raise
+
+    def build(self) -> None:
         ip("netns", "add", self.switch)
         ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
         ip("-n", self.switch, "link", "set", "br0", "up")
@@ -52,21 +61,25 @@ class Hosts:
             ip("-n", name, "link", "set", "lo", "up")
 
     def launch(self, i: int, train_args: list[str], log: Path, nnodes: str) -> None:
-        """Host i's torchrun, as docs/RELIABILITY.md gives it; its own host name (a UTS namespace) so the event
-        record can tell the hosts apart. GLOO_SOCKET_IFNAME is left for the trainer to pick."""
-        torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc-per-node=1",
-                    "--rdzv-backend=c10d", f"--rdzv-endpoint={self.addrs[0]}:{PORT}", "--rdzv-id=job",
-                    f"--rdzv-conf=is_host={str(i == 0).lower()},join_timeout=120,last_call_timeout=1,"
-                    "close_timeout=5,keep_alive_interval=1,keep_alive_max_attempt=3",
-                    f"--local-addr={self.addrs[i]}", "--max-restarts=20", "--monitor-interval=0.5",
-                    "-m", "llama3.train", *train_args]
-        env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
-                   PYTHONPATH=str(ROOT))
+        """Host i's torchrun, as docs/RELIABILITY.md gives it. GLOO_SOCKET_IFNAME is left for the trainer to pick."""
+        self.procs[i] = self.run(i, [
+            "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc-per-node=1", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={self.addrs[0]}:{PORT}", "--rdzv-id=job",
+            f"--rdzv-conf=is_host={str(i == 0).lower()},join_timeout=120,last_call_timeout=1,close_timeout=5,"
+            "keep_alive_interval=1,keep_alive_max_attempt=3", f"--local-addr={self.addrs[i]}", "--max-restarts=20",
+            "--monitor-interval=0.5", "-m", "llama3.train", *train_args], log)
+
+    def run(self, i: int, python_args: list[str], log: Path) -> subprocess.Popen:
+        """`python ARGS` on host i, with its own host name (a UTS namespace) so the event record can tell the
+        hosts apart."""
+        env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", PYTHONPATH=str(ROOT))
         env.pop("GLOO_SOCKET_IFNAME", None)
         cmd = ["ip", "netns", "exec", self.names[i], "unshare", "--uts", "sh", "-c",
-               f'hostname host{i} && exec "$@"', "sh", *torchrun]
-        self.procs[i] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+               f'hostname host{i} && exec "$@"', "sh", sys.executable, *python_args]
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        self.started.append(p)
+        return p
 
     def cut(self, i: int) -> None:
         ip("-n", self.switch, "link", "set", f"p{i}", "down")
@@ -85,12 +98,14 @@ class Hosts:
                 pass
 
     def close(self) -> None:
-        for i, p in enumerate(self.procs):
-            if p is not None:
+        try:
+            for i in range(len(self.names)):
                 self.kill(i)
+            for p in self.started:
                 p.wait(timeout=30)
-        for name in [*self.names, self.switch]:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+        finally:
+            for name in [*self.names, self.switch]:
+                subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
 
 
 @pytest.fixture
@@ -153,12 +168,13 @@ def finish(h: Hosts, survivors: list[int], timeout: float) -> None:
         assert h.procs[i].wait(timeout=timeout) == 0, f"host {i}'s launcher failed"
 
 
-def test_a_cut_link_is_survived_and_the_host_taken_back(hosts, tmp_path):
-    """Two hosts; host 1's link goes down: host 0 goes on alone, and takes host 1 back once the link is up."""
+def test_a_cut_link_is_survived_the_host_taken_back_and_a_killed_host_left_behind(hosts, tmp_path):
+    """Two hosts; host 1's link goes down: host 0 goes on alone, and takes host 1 back once the link is up. Then
+    host 1 is killed outright (launcher and worker): host 0 finishes the run alone."""
     h = hosts(2)
     run = tmp_path / "run"
     for i in range(2):
-        h.launch(i, train_args(run, 80), tmp_path / f"host{i}.log", nnodes="1:2")
+        h.launch(i, train_args(run, STEPS), tmp_path / f"host{i}.log", nnodes="1:2")
     wait_until("step 8", lambda: last_step(run) >= 8, h.procs)
     h.cut(1)
     wait_for_start(run, 1, 1, h.procs)  # host 0 alone
@@ -166,12 +182,22 @@ def test_a_cut_link_is_survived_and_the_host_taken_back(hosts, tmp_path):
     wait_until("a step alone", lambda: any(r["time"] > alone for r in read_jsonl(run / "metrics.jsonl")), h.procs)
     h.restore(1)
     wait_for_start(run, 2, 2, h.procs)  # host 1 back
-    finish(h, [0, 1], timeout=240)
+    back = starts(run)[-1]["time"]
+    wait_until("steps with host 1 back", lambda: sum(r["time"] > back for r in read_jsonl(run / "metrics.jsonl")
+                                                     if "loss" in r) >= 3, h.procs)
+    assert last_step(run) < STEPS - 20, "the run ended before host 1 could be killed"
+    h.kill(1)
+    finish(h, [0], timeout=240)
     events = read_events(run)
-    assert [e["world"] for e in starts(run)][:3] == ["2", "1", "2"]
+    assert [e["world"] for e in starts(run)] == ["2", "1", "2", "1"]
     assert any(e["event"] == "fault" and e["kind"] == "hang" for e in events)  # the collective that never returned
     assert any(e["event"] == "action" and e["kind"] == "scale_up" for e in events)
-    assert events[-1]["event"] == "end" and events[-1]["step"] == "80"
+    killed = [e for e in events if e["event"] == "fault" and e["kind"] == "process_died"]
+    assert [e["host"] for e in killed] == ["host1"], killed
+    # the cut link and the kill: each time the job went on without host 1, and said so
+    assert [e["hosts"] for e in events if e["event"] == "action" and e["kind"] == "scale_down"] == ["host1"] * 2
+    assert any(e["event"] == "recovered" and e["kind"] == "process_died" for e in events)
+    assert events[-1]["event"] == "end" and events[-1]["step"] == str(STEPS)
     committed_steps_never_lost(run)
 
 
@@ -196,3 +222,51 @@ def test_three_hosts_a_cut_link_and_a_killed_host(hosts, tmp_path):
     assert any(e["event"] == "fault" and e["kind"] == "process_died" and e["host"] == "host1" for e in events)
     assert events[-1]["event"] == "end" and events[-1]["step"] == "200"
     committed_steps_never_lost(run)
+
+
+LIGHTHOUSE = 29510
+FT_STEPS = 300
+
+
+def test_replica_groups_on_two_hosts_go_on_through_a_cut_link_and_heal(hosts, tmp_path):
+    """torchft replica groups across hosts, with the commands docs/RELIABILITY.md gives: the lighthouse and group 0
+    on host 0, group 1 on host 1, each under its host's `llama3 train` launcher. Host 1's link is cut mid-run:
+    group 0 goes on alone in the same process; when the link is back group 1 rejoins and heals from group 0's
+    memory. Every step is trained once."""
+    pytest.importorskip("torchft")
+    h = hosts(2)
+    run = tmp_path / "run"
+    h.run(0, ["-m", "llama3.train.ft", "lighthouse", f"--bind=[::]:{LIGHTHOUSE}"], tmp_path / "lighthouse.log")
+    for i in range(2):
+        h.procs[i] = h.run(i, [
+            "-m", "llama3.train", "model.preset=debug-tiny", "data.dataset=synthetic", "data.seq_len=32",
+            "training.batch_size=8", f"training.steps={FT_STEPS}", "optim.warmup_steps=2", "eval.every=-1",
+            "metrics.peak_tflops=1", "metrics.tensorboard=false", "metrics.plot=false", "checkpoint.export=false",
+            "faults.watchdog_timeout_s=10", "faults.startup_timeout_s=90", "ft.replicas=2", f"ft.groups=[{i}]",
+            f"ft.lighthouse=http://{h.addrs[0]}:{LIGHTHOUSE}", f"ft.host={h.addrs[i]}", "ft.timeout_s=2",
+            "ft.spares=0", f"run.dir={run}"], tmp_path / f"host{i}.log")
+    wait_until("step 10", lambda: last_step(run) >= 10, h.procs, timeout=200)
+    h.cut(1)
+    cut_at, cut_step = time.time(), last_step(run)
+    wait_until("steps without host 1", lambda: sum(r["time"] > cut_at + 4 for r in read_jsonl(run / "metrics.jsonl")
+                                                   if "loss" in r) >= 10, h.procs)
+    alone_until = last_step(run)
+    assert alone_until < FT_STEPS - 30, "the run ended before host 1's link came back"
+    h.restore(1)
+    finish(h, [0, 1], timeout=240)
+    events = read_events(run)
+
+    def of(event, **fields):
+        return [e for e in events if e["event"] == event and all(e.get(k) == str(v) for k, v in fields.items())]
+
+    group0 = of("start", replica=0)
+    assert len(group0) == 1, group0  # group 0's process never restarted
+    assert of("fault", kind="replica_lost", rank=1) and of("action", kind="shrink")
+    assert of("recovered", kind="replica_lost")
+    heal = of("action", kind="heal", replica=1)
+    assert heal and int(heal[-1]["step"]) > alone_until, (heal, alone_until)  # group 0's live step, not its own
+    assert of("action", kind="grow")
+    records = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    steps = [r["step"] for r in records]
+    assert sorted(steps) == list(range(1, FT_STEPS + 1)), steps  # none lost, none trained twice
+    assert of("end", step=FT_STEPS)

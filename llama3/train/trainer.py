@@ -269,6 +269,7 @@ class Trainer:
             log=self.events.note)
         self.memory = MemoryCheckpoint(self.checkpointer.state)
         restarted = restart_faults(self.events, previous, self.world_size) if is_rank0() else []
+        self.previous_world = [s["host"] for s in previous]
         self.beat("checkpoint load", startup=True)
         if cfg.checkpoint.enabled and cfg.checkpoint.resume:
             self.step = self.checkpointer.load_latest() or 0
@@ -585,6 +586,11 @@ class Trainer:
         if restarted:
             self.events.action("restart", f"the {'replica group' if self.cfg.ft.replicas else 'job'} restarted "
                                f"(attempt {attempt}) and resumes from {resumed}", attempt=attempt, resumed=resumed)
+        if self.world_size < len(self.previous_world):  # torchrun went on with the hosts that remain (--nnodes)
+            gone = sorted(set(self.previous_world) - set(hosts))
+            self.events.action("scale_down", f"the job goes on with {self.world_size} of {len(self.previous_world)}"
+                               f" processes, without host(s) {', '.join(gone) or '?'}", processes=self.world_size,
+                               hosts=",".join(gone))
         self.beat("first step")  # ends the last start-up phase
         phases = {k: round(v, 2) for k, v in self.startup.items()}
         self.events.write("start", f"start {attempt}: {self.world_size} process(es) on "
