@@ -24,6 +24,7 @@ def test_a_killed_replica_group_heals_from_a_live_peer_and_the_survivor_never_re
            "data.seq_len=64", "training.batch_size=8", f"training.steps={STEPS}", "optim.warmup_steps=2",
            "eval.every=-1", "metrics.peak_tflops=1", "metrics.tensorboard=false", "metrics.plot=false",
            "checkpoint.every=0", "checkpoint.export=false", "ft.replicas=2", "ft.timeout_s=2",
+           "faults.fingerprint_every=2",  # from the first step on, the groups hold the same parameters
            "faults.inject=['kill:step=4:rank=1']", f"run.dir={run}"]
     result = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                             text=True, timeout=140)
@@ -57,6 +58,7 @@ def test_a_killed_replica_group_heals_from_a_live_peer_and_the_survivor_never_re
     assert sorted(set(steps)) == list(range(1, STEPS + 1)) and not any(
         r.get("replayed") for r in read_jsonl(run / "metrics.jsonl")), steps
     assert of("end", step=STEPS)
+    assert not of("fault", kind="replica_mismatch"), events
 
 
 def test_across_hosts_a_group_is_reached_at_ft_host(monkeypatch):

@@ -689,12 +689,19 @@ class Trainer:
     # ---- torchft replica groups (ft.py) --------------------------------------------------------------------------
 
     def live_state(self) -> dict:
-        """What a healing group copies from this one: everything a checkpoint holds but the RNGs."""
-        return {k: self.checkpointer.state[k].state_dict() for k in ("model", "optimizer", "progress")}
+        """What a healing group copies from this one: everything a checkpoint holds but the RNGs, and whether its
+        optimizer has stepped yet (the first quorum heals a fresh run's groups to one initialisation)."""
+        stepped = any(opt.state for opt in self.optimizers)
+        return {"stepped": stepped, **{k: self.checkpointer.state[k].state_dict()
+                                       for k in ("model", "optimizer", "progress")}}
 
     def load_live_state(self, state: dict) -> None:
         for k, v in state.items():
-            self.checkpointer.state[k].load_state_dict(v)
+            if k != "stepped":
+                self.checkpointer.state[k].load_state_dict(v)
+        if not state["stepped"]:  # a state dict fills an unstepped Adam with a zero step, which its sender dropped
+            for opt in self.optimizers:
+                opt.state.clear()
 
     def ft_join(self) -> None:
         """Before the first step: join the quorum. A fresh start (or a restart of every group from disk) waits for
