@@ -100,7 +100,8 @@ class ConvertedCache:
         """Write an entry (into a fresh directory renamed into place, so readers never see half of one). Skipped,
         with a log line, when it would take more than a quarter of the free disk space."""
         self.dir.parent.mkdir(parents=True, exist_ok=True)
-        size = sum(t.untyped_storage().nbytes() for t in _tensors(payload))
+        packed = pack(payload)  # packed first: walking the unpacked tokenizer tables means ~1M Python objects
+        size = sum(t.untyped_storage().nbytes() for t in _tensors(packed))
         free = shutil.disk_usage(self.dir.parent).free
         if size > free // 4:
             log.info("%s: not caching the conversion (%.1f GB, %.1f GB free)", self.source, size / 1e9, free / 1e9)
@@ -109,7 +110,7 @@ class ConvertedCache:
         expected = self._expected()
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.dir.parent))
         try:
-            torch.save(pack(payload), tmp / "tensors.pt")
+            torch.save(packed, tmp / "tensors.pt")
             expected["checksum"] = checksum(tmp / "tensors.pt")
             (tmp / "entry.json").write_text(json.dumps(expected, indent=1))
             if self.dir.exists():
