@@ -147,6 +147,7 @@ def test_three_hosts_a_cut_link_and_a_killed_host(hosts, tmp_path):
     events = read_events(run)
     assert [e["world"] for e in starts(run)] == ["3", "2", "3", "2"]
     assert any(e["event"] == "fault" and e["kind"] == "process_died" and e["host"] == "host1" for e in events)
+    assert [e["hosts"] for e in events if e["event"] == "action" and e["kind"] == "scale_down"] == ["host2", "host1"]
     assert events[-1]["event"] == "end" and events[-1]["step"] == "200"
     committed_steps_never_lost(run)
 

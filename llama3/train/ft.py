@@ -11,7 +11,7 @@ from a live peer's memory instead of reading a checkpoint from disk.
 
     llama3 train ft.replicas=3 ...                       # launcher + lighthouse here, 3 groups
     python -m llama3.train.ft lighthouse --bind [::]:29510   # or a lighthouse of its own, for groups on many hosts
-    llama3 train ft.replicas=3 ft.replica_id=0 ft.lighthouse=http://HOST:29510 ft.host=ADDR ...   # one group
+    llama3 train ft.replicas=2 ft.groups=[1] ft.lighthouse=http://HOST0:29510 ft.host=ADDR ...   # this host's groups
 
 One process per replica group here (FT-DDP). Group r takes block r of each global batch, so while a group is away
 its block of each step is not trained on (those steps average over fewer rows): the difference from a fault-free
@@ -21,8 +21,10 @@ run.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -40,11 +42,8 @@ def lighthouse(bind: str, min_replicas: int = 1, join_timeout_ms: int = 100, hea
 def use_interface_of(host: str) -> None:
     """Gloo binds the address this host's name resolves to (often none, or a loopback one: the peers' first
     collective then hangs); a group reached at `host` must talk from the interface that holds it."""
-    import ipaddress
-
     from .config import ConfigError
     from .network import interface_of
-    import socket
     address = socket.gethostbyname(host)
     if os.environ.get("GLOO_SOCKET_IFNAME") or ipaddress.ip_address(address).is_loopback:
         return
