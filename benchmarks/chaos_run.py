@@ -118,7 +118,11 @@ def main() -> None:
 
 
 def ft_main(opts, base: Path, faults: list[str], nan_steps: list[int]) -> None:
+    import shutil
+
     from netns import Hosts
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        sys.exit("--ft runs each replica group on a host made of a network namespace: it needs root and iproute2")
 
     from llama3.train.events import read_events
     from llama3.train.report import format_report, summarize
