@@ -128,16 +128,15 @@ def build_files(shape: str, types: list[str]) -> dict[str, Path]:
     folder = CACHE / shape
     folder.mkdir(parents=True, exist_ok=True)
     f16 = folder / "F16.gguf"
-    if not f16.exists():
+    missing = [t for t in types if not (folder / f"{t}.gguf").exists()]
+    if missing and not f16.exists():  # the intermediate: it may be deleted once the quantized files exist (8B: 16 GB)
         print(f"writing {f16} ...", file=sys.stderr, flush=True)
         write_random_f16(f16, args)
-    files = {"F16": f16}
-    for t in types:
-        if t != "F16" and not (folder / f"{t}.gguf").exists():
+    for t in missing:
+        if t != "F16":
             print(f"quantizing {t} with llama.cpp ...", file=sys.stderr, flush=True)
             llama_cpp_quantize(f16, folder / f"{t}.part", t).rename(folder / f"{t}.gguf")
-        files[t] = folder / f"{t}.gguf"
-    return {t: files[t] for t in types}
+    return {t: folder / f"{t}.gguf" for t in types}
 
 
 def bytes_per_token(path: Path) -> int:
