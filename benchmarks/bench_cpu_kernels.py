@@ -6,8 +6,9 @@
 For each weight shape of a model (the default model, Llama 3.2 1B, Llama 3 8B) it times y = x @ W.T for x of M
 rows with every candidate kernel and prints microseconds and the ratio to fp32 (MKL). Weights are cycled through
 enough copies to exceed the L3 cache, so decode numbers are DRAM-bound as they are in a real decode step. The
-candidates are torch's kernels, our AVX2 int8-activation kernels (llama3/fast.py; AVX2-only CPUs) and our modules
-(llama3/quantize.py), which pick among them by instruction set.
+candidates are torch's kernels, our AVX2 int8-activation kernels (llama3/fast.py; AVX2-only CPUs: our int4 / int8
+layouts, and GGUF Q4_K / Q6_K super-blocks as a file stores them) and our modules (llama3/quantize.py), which pick
+among them by instruction set.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # random GGUF blocks (conftest.py)
 
 import torch  # noqa: E402
 
 from llama3 import quantize as q  # noqa: E402
 from llama3.fast import avx2_kernels, int4_linear_avx2, int8_linear_avx2, onednn_linear  # noqa: E402
+
+from conftest import random_kquant_blocks  # noqa: E402
 
 # (name, dim, ffn hidden, kv dim, vocab): the projections whose shapes differ.
 MODELS = {
@@ -51,8 +55,12 @@ def candidates(w: torch.Tensor, m: int) -> dict[str, tuple]:
     xbf = x32.bfloat16()
     ours = {}
     if avx2_kernels():  # our int8-activation kernels (AVX2-only CPUs), called directly
+        # GGUF super-blocks as stored (random codes: the time does not depend on them), through our modules
+        kquant = {kind: q.KQuantLinear(random_kquant_blocks(kind, *w.shape), kind, w.shape[1])
+                  for kind in ("Q4_K", "Q6_K")}
         ours = {"avx2 int8 x int8": (int8_linear_avx2, (x32, w8, s8.float())),
-                "avx2 int4 x int8": (int4_linear_avx2, (x32, q.pack_groups_for_avx2(packed), scales, zeros))}
+                "avx2 int4 x int8": (int4_linear_avx2, (x32, q.pack_groups_for_avx2(packed), scales, zeros)),
+                **{f"llama3 {kind} blocks": (layer, (x32,)) for kind, layer in kquant.items()}}
     if int4.kernel != "torch":  # torch's int4 kernel wants its own layout
         torch_int4 = q.Int4Linear.__new__(q.Int4Linear)
         torch.nn.Module.__init__(torch_int4)

@@ -128,16 +128,15 @@ def build_files(shape: str, types: list[str]) -> dict[str, Path]:
     folder = CACHE / shape
     folder.mkdir(parents=True, exist_ok=True)
     f16 = folder / "F16.gguf"
-    if not f16.exists():
+    missing = [t for t in types if not (folder / f"{t}.gguf").exists()]
+    if missing and not f16.exists():  # the intermediate: it may be deleted once the quantized files exist (8B: 16 GB)
         print(f"writing {f16} ...", file=sys.stderr, flush=True)
         write_random_f16(f16, args)
-    files = {"F16": f16}
-    for t in types:
-        if t != "F16" and not (folder / f"{t}.gguf").exists():
+    for t in missing:
+        if t != "F16":
             print(f"quantizing {t} with llama.cpp ...", file=sys.stderr, flush=True)
             llama_cpp_quantize(f16, folder / f"{t}.part", t).rename(folder / f"{t}.gguf")
-        files[t] = folder / f"{t}.gguf"
-    return {t: files[t] for t in types}
+    return {t: folder / f"{t}.gguf" for t in types}
 
 
 def bytes_per_token(path: Path) -> int:
@@ -148,9 +147,16 @@ def bytes_per_token(path: Path) -> int:
     return sum(t.nbytes for name, t in tensors.items() if len(t.shape) == 2 and (tied or name != "token_embd.weight"))
 
 
-def ours_bytes_per_token(weights_mb: float, args: ModelArgs) -> float:
-    """Our model's bytes (as loaded) less the int8 embedding rows we only look up, when the output is separate."""
-    return weights_mb * 1e6 - (0 if args.tie_embeddings else args.vocab_size * (args.dim + 2))
+def ours_bytes_per_token(weights_mb: float, args: ModelArgs, path: Path, engine: str) -> float:
+    """Our model's bytes (as loaded) less the embedding rows we only look up, when the output is separate: the
+    file's own blocks where int4 keeps them (Q4_K / Q6_K on AVX2), int8 rows otherwise."""
+    if args.tie_embeddings:
+        return weights_mb * 1e6
+    from llama3.fast import KQUANT_TYPES, avx2_kernels
+    from llama3.weights.gguf import GGUFFile
+    embedding = GGUFFile(path).tensors["token_embd.weight"]
+    kept = engine == "ours-int4" and embedding.kind in KQUANT_TYPES and avx2_kernels() is not None
+    return weights_mb * 1e6 - (embedding.nbytes if kept else args.vocab_size * (args.dim + 2))
 
 
 # ---- the run -------------------------------------------------------------------------------------------------------
@@ -189,7 +195,8 @@ def main() -> None:
             results = json.loads(out.read_text())["results"]
             file_bytes = bytes_per_token(path)
             for engine, r in results.items():
-                read = file_bytes if engine == "llamacpp" else ours_bytes_per_token(r["weights_mb"], model_args)
+                read = (file_bytes if engine == "llamacpp" else
+                        ours_bytes_per_token(r["weights_mb"], model_args, path, engine))
                 r["first_load_s"] = first_load_s if engine == OURS[kind] else None
                 rows.append((shape, kind, engine, r, read, read * r["decode_tok_s"] / bandwidth))
     print(f"\nload average at end {os.getloadavg()}; roof = bytes per token x decode tok/s / copy bandwidth "

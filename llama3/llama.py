@@ -162,7 +162,8 @@ def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, devi
     else:
         if quantize:
             from .quantize import quantize_checkpoint
-            ckpt = quantize_checkpoint(read_checkpoint(path, blocks=True), quantize, group_size)
+            ckpt = quantize_checkpoint(read_checkpoint(path, blocks=True), quantize, group_size,
+                                       keep_blocks=_kquant_kernels(device))
         else:
             ckpt = read_checkpoint(path)
         if ckpt.tokenizer is None:
@@ -181,6 +182,13 @@ def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, devi
                  compile=compile)
 
 
+def _kquant_kernels(device) -> bool:
+    """Whether int4 keeps GGUF Q4_K / Q6_K tensors as their blocks: on CPUs where our AVX2 kernels run
+    (llama3/quantize.py KQuantLinear); elsewhere they are repacked into the portable int4 / int8 forms."""
+    from .fast import avx2_kernels
+    return torch.device(device).type == "cpu" and avx2_kernels() is not None
+
+
 def _converted_cache(path: Path, dtype, device, quantize: str | None, group_size: int):
     """The cache entry for loading this file so, if it is a GGUF file loaded for the CPU (the formats whose loading
     converts; safetensors and Meta checkpoints are memory-mapped as they are)."""
@@ -191,7 +199,7 @@ def _converted_cache(path: Path, dtype, device, quantize: str | None, group_size
     from .hub import home
     from .fast import avx2_kernels  # whether quantized modules were built in our kernels' layout
     options = {"dtype": str(dtype), "quantize": quantize, "group_size": group_size if quantize else None,
-               "kernels": "avx2" if quantize and avx2_kernels() else "torch"}
+               "kernels": "avx2 gguf-blocks" if quantize and avx2_kernels() else "torch"}
     return ConvertedCache(home() / "converted", path, options)
 
 

@@ -7,6 +7,9 @@ Schemes:
         min/max, q in 0..15: w = (q - 8) * scale + zero, the convention of torch's int4 kernels).
 In both, the embedding and output matrices stay 8-bit per row (llama.cpp's 4-bit files keep them at 8 bits too):
 they are the largest and most sensitive matrices, and with tied embeddings they are one tensor.
+Loading a GGUF file as int4 on a CPU where our AVX2 kernels run, its Q4_K and Q6_K tensors (the whole of a Q4_K_M
+file but its norms: layers, output, embedding) instead stay the file's super-blocks byte for byte (KQuantLinear,
+KQuantEmbedding: 4.5 / 6.56 bits a weight, multiplied as stored); other types, and other CPUs, take the forms above.
 
 On CPU the matmuls of a few rows (decoding) run in torch's own kernels (`_weight_int8pack_mm`,
 `_weight_int4pack_mm_for_cpu`), which are fast only with bf16 activations. What the rest of the model computes in
@@ -40,7 +43,8 @@ from torch import Tensor, nn
 import gguf.quants
 
 from .args import ModelArgs
-from .fast import avx2_kernels, int4_dequantize_avx2, int4_linear_avx2, int8_linear_avx2
+from .fast import (KQUANT_TYPES, avx2_kernels, int4_dequantize_avx2, int4_linear_avx2, int8_linear_avx2,
+                   kquant_dequantize_avx2, kquant_linear)
 from .model import Transformer, meta_model
 from .weights import Checkpoint
 from .weights.gguf import GGUFTensor, dequantize
@@ -278,6 +282,43 @@ def _cpu_layout_block() -> int | None:
     return next((block for block in (64, 32) if torch.equal(_pack_blocks(probe, block), theirs)), None)
 
 
+class KQuantLinear(nn.Module):
+    """A linear layer held as a GGUF file's Q4_K / Q6_K super-blocks byte for byte (4.5 / 6.56 bits a weight), for
+    AVX2-only CPUs: decoding rows go to our kernels (llama3/fast.py: x in int8 per 256, integer sub-block scales,
+    one float multiply per 256 weights), more rows to fp32 matmuls on dequantized tiles."""
+
+    def __init__(self, blocks: Tensor, kind: str, in_features: int):
+        super().__init__()
+        self.out_features, self.in_features = blocks.shape[0], in_features
+        self.kind, self.type_id = kind, KQUANT_TYPES[kind]
+        self.register_buffer("weight", blocks)  # (out, bytes per row) uint8, the file's blocks
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features).float()
+        if x2.shape[0] <= AVX2_KERNEL_ROWS:
+            out = kquant_linear(x2, self.weight, self.type_id)
+        else:
+            out = _tiled_matmul(x2, self.out_features, self.dequantize_rows)
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def dequantize_rows(self, start: int, end: int, out: Tensor) -> Tensor:
+        return kquant_dequantize_avx2(self.weight, self.type_id, torch.arange(start, end), out)
+
+
+class KQuantEmbedding(nn.Module):
+    """The embedding in Q4_K / Q6_K super-blocks: a lookup dequantizes its rows. With tied embeddings the output
+    projection is a KQuantLinear on the same blocks, so one copy serves both."""
+
+    def __init__(self, blocks: Tensor, kind: str, dim: int):
+        super().__init__()
+        self.dim, self.kind, self.type_id = dim, kind, KQUANT_TYPES[kind]
+        self.register_buffer("weight", blocks)  # (vocab, bytes per row) uint8
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        out = torch.empty(tokens.numel(), self.dim)
+        return kquant_dequantize_avx2(self.weight, self.type_id, tokens.flatten(), out).view(*tokens.shape, self.dim)
+
+
 class Int8Embedding(nn.Module):
     def __init__(self, weight: Tensor, scales: Tensor):
         super().__init__()
@@ -288,7 +329,8 @@ class Int8Embedding(nn.Module):
         return F.embedding(tokens, self.weight).to(self.scales.dtype) * self.scales[tokens].unsqueeze(-1)
 
 
-QUANTIZED_MODULES = {cls.__name__: cls for cls in (Int8Linear, Int4Linear, Int8Embedding)}
+QUANTIZED_MODULES = {cls.__name__: cls for cls in (Int8Linear, Int4Linear, Int8Embedding, KQuantLinear,
+                                                   KQuantEmbedding)}
 
 
 def module_state(module: nn.Module) -> dict:
@@ -316,10 +358,11 @@ def is_layer_linear(name: str) -> bool:
                                                          "w1.weight", "w2.weight", "w3.weight"))
 
 
-def quantize_tensor(name: str, w: Tensor | GGUFTensor, scheme: str, group_size: int) -> dict[str, Tensor]:
+def quantize_tensor(name: str, w: Tensor | GGUFTensor, scheme: str, group_size: int,
+                    keep_blocks: bool = False) -> dict[str, Tensor]:
     """One tensor of a Meta-named state dict (floats, or a GGUF file's blocks) -> its portable quantized tensors."""
     if isinstance(w, GGUFTensor):
-        return _quantize_gguf_tensor(name, w, scheme, group_size)
+        return _quantize_gguf_tensor(name, w, scheme, group_size, keep_blocks)
     base = name.removesuffix(".weight")
     if w.ndim == 1:  # norms
         return {name: w.to(SCALE_DTYPE)}
@@ -335,27 +378,30 @@ def check_scheme(scheme: str) -> None:
         raise QuantizationError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
 
 
-def quantize_state_dict(state_dict: dict[str, Tensor | GGUFTensor], scheme: str,
-                        group_size: int = 32) -> dict[str, Tensor]:
+def quantize_state_dict(state_dict: dict[str, Tensor | GGUFTensor], scheme: str, group_size: int = 32,
+                        keep_blocks: bool = False) -> dict[str, Tensor]:
     """Quantize a state dict tensor by tensor, dropping each input as soon as it is converted (the dict is
     consumed), so peak memory stays near the inputs plus one quantized copy. GGUF blocks (`GGUFTensor`) are read
-    one at a time: 4-bit blocks are repacked as they are, the rest goes through fp32 a slice of rows at a time."""
+    one at a time: 4-bit blocks are repacked as they are, the rest goes through fp32 a slice of rows at a time.
+    keep_blocks (int4, for a CPU with our AVX2 kernels): Q4_K / Q6_K tensors stay the file's super-blocks
+    (NAME.Q4_K_blocks, NAME.Q6_K_blocks: uint8 (rows, bytes per row)), which only those kernels multiply."""
     check_scheme(scheme)
     out = {}
     for name in list(state_dict):
-        out.update(quantize_tensor(name, state_dict.pop(name), scheme, group_size))
+        out.update(quantize_tensor(name, state_dict.pop(name), scheme, group_size, keep_blocks))
     return out
 
 
-def quantize_checkpoint(ckpt: Checkpoint, scheme: str, group_size: int = 32) -> Checkpoint:
-    """A checkpoint read with `read_checkpoint(path, blocks=True)` -> the same with portable quantized tensors."""
+def quantize_checkpoint(ckpt: Checkpoint, scheme: str, group_size: int = 32, keep_blocks: bool = False) -> Checkpoint:
+    """A checkpoint read with `read_checkpoint(path, blocks=True)` -> the same with quantized tensors (portable
+    unless keep_blocks: see quantize_state_dict)."""
     done = ckpt.metadata.get("quantization")
     if done:
         if done["scheme"] != scheme:
             raise QuantizationError(f"the checkpoint is already quantized as {done['scheme']}; re-quantize from "
                                     f"the original checkpoint instead")
         return ckpt
-    ckpt.state_dict = quantize_state_dict(ckpt.state_dict, scheme, group_size)
+    ckpt.state_dict = quantize_state_dict(ckpt.state_dict, scheme, group_size, keep_blocks)
     ckpt.metadata["quantization"] = {"scheme": scheme, "group_size": group_size}
     return ckpt
 
@@ -368,8 +414,11 @@ _INT4_BLOCKS = ("Q4_0", "Q4_1", "Q4_K")
 _ABOVE_4_BITS = ("Q5_0", "Q5_1", "Q5_K", "Q6_K")
 
 
-def _quantize_gguf_tensor(name: str, t: GGUFTensor, scheme: str, group_size: int) -> dict[str, Tensor]:
+def _quantize_gguf_tensor(name: str, t: GGUFTensor, scheme: str, group_size: int,
+                          keep_blocks: bool) -> dict[str, Tensor]:
     raw = t.raw()  # (rows, bytes per row)
+    if keep_blocks and scheme == "int4" and t.kind in KQUANT_TYPES and len(t.shape) == 2:
+        return {f"{name.removesuffix('.weight')}.{t.kind}_blocks": raw}
     if t.kind in _INT4_BLOCKS and scheme == "int4" and group_size == 32 and is_layer_linear(name):
         q, scales, zeros = int4_of_gguf_blocks(raw, t.kind)
         base = name.removesuffix(".weight")
@@ -430,16 +479,32 @@ def build_quantized_model(args: ModelArgs, state_dict: dict[str, Tensor], *, gro
         t = sd.pop(name).to(device)
         return t.to(dtype) if t.is_floating_point() else t
 
+    def kquant(name: str) -> str | None:
+        """The K-quant type of a tensor kept as GGUF blocks (quantize_state_dict's keep_blocks), if it is one."""
+        kind = next((k for k in KQUANT_TYPES if f"{name}.{k}_blocks" in sd), None)
+        if kind and not avx2_kernels():
+            raise QuantizationError(f"{name} is held as GGUF {kind} blocks, which only our AVX2 kernels multiply")
+        return kind
+
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and name != "output":
-            if f"{name}.zeros" in sd:
+            if kind := kquant(name):
+                new = KQuantLinear(take(f"{name}.{kind}_blocks"), kind, module.in_features)
+            elif f"{name}.zeros" in sd:
                 new = Int4Linear(take(f"{name}.weight"), take(f"{name}.scales"), take(f"{name}.zeros"), group_size)
             else:
                 new = Int8Linear(take(f"{name}.weight"), take(f"{name}.scales"))
             model.set_submodule(name, new)
-    model.tok_embeddings = Int8Embedding(take("tok_embeddings.weight"), take("tok_embeddings.scales"))
-    if args.tie_embeddings:
-        model.output = Int8Linear(model.tok_embeddings.weight, model.tok_embeddings.scales)
+    if kind := kquant("tok_embeddings"):
+        model.tok_embeddings = KQuantEmbedding(take(f"tok_embeddings.{kind}_blocks"), kind, args.dim)
+    else:
+        model.tok_embeddings = Int8Embedding(take("tok_embeddings.weight"), take("tok_embeddings.scales"))
+    if args.tie_embeddings:  # one copy of the matrix serves the lookup and the output projection
+        embedding = model.tok_embeddings
+        model.output = (KQuantLinear(embedding.weight, embedding.kind, args.dim) if kind else
+                        Int8Linear(embedding.weight, embedding.scales))
+    elif out_kind := kquant("output"):
+        model.output = KQuantLinear(take(f"output.{out_kind}_blocks"), out_kind, args.dim)
     else:
         model.output = Int8Linear(take("output.weight"), take("output.scales"))
     norms = {k: take(k) for k in list(sd) if k.endswith("norm.weight")}

@@ -68,6 +68,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def random_kquant_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """(rows, bytes per row) of random GGUF super-blocks: every bit pattern of codes and scales, finite fp16 d."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    size = {"Q4_K": 144, "Q6_K": 210}[kind]
+    raw = rng.integers(0, 256, (rows, cols // 256, size), dtype=np.uint8)
+    for at in (0, 2) if kind == "Q4_K" else (208,):  # d (and Q4_K's dmin)
+        raw[..., at:at + 2] = (rng.standard_normal(raw.shape[:2]) * 0.01).astype(np.float16)[..., None].view(np.uint8)
+    return torch.from_numpy(raw.reshape(rows, -1))
+
+
 # ---- GGUF files as llama.cpp makes them ---------------------------------------------------------------------------
 
 GGUF_NAMES = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output"}

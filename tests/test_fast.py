@@ -8,7 +8,7 @@ from llama3.generate import DecodeStep, generate_tokens
 from llama3.quantize import (AVX2_KERNEL_ROWS, Int4Linear, Int8Linear, dequantize_int4, quantize_int4, quantize_int8,
                              quantize_model)
 
-from conftest import random_model, tiny_args
+from conftest import random_kquant_blocks, random_model, tiny_args
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -108,9 +108,10 @@ def test_onednn_linears_need_fp32_on_cpu():
         use_onednn_linears(random_model(tiny_args()).to(torch.bfloat16))
 
 
-def int8_blocks(x: torch.Tensor) -> torch.Tensor:
-    """x rounded as the AVX2 kernels round activations: int8 per block of 32, scale max|x| / 127."""
-    blocks = x.reshape(*x.shape[:-1], -1, 32)
+def int8_blocks(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """x rounded as the AVX2 kernels round activations: int8 per block of 32 (256 for GGUF K-quant weights), scale
+    max|x| / 127."""
+    blocks = x.reshape(*x.shape[:-1], -1, block)
     d = blocks.abs().amax(dim=-1, keepdim=True) / 127
     return (torch.round(blocks / torch.where(d > 0, d, 1)) * d).reshape(x.shape)
 
@@ -140,4 +141,23 @@ def test_avx2_kernels_compute_the_dequantized_weights_on_int8_activations(scheme
             expected = int8_blocks(x) @ dense.t()
         else:
             expected = int8_blocks(x) @ (dense - offsets).t() + x @ offsets.t()
+        assert (out - expected).abs().max() <= 1e-5 * expected.abs().max(), rows
+
+
+@pytest.mark.skipif(avx2_kernels() is None, reason="our kernels run on AVX2-only CPUs with a C compiler")
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("in_features", [256, 768])
+def test_kquant_kernels_compute_the_gguf_packages_weights_on_int8_activations(kind, in_features):
+    import gguf
+    from llama3.quantize import KQuantEmbedding, KQuantLinear
+    blocks = random_kquant_blocks(kind, 72, in_features)
+    dense = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType[kind]))
+    layer = KQuantLinear(blocks, kind, in_features)
+    tokens = torch.tensor([[3, 0, 71], [5, 5, 9]])
+    assert torch.equal(KQuantEmbedding(blocks, kind, in_features)(tokens), dense[tokens])  # the package's values
+    for rows in range(1, AVX2_KERNEL_ROWS + 2):  # the kernel's rows, then a dequantized tile's
+        x = torch.randn(rows, in_features) * torch.linspace(0.1, 10, in_features)  # blocks of different ranges
+        out = layer(x)
+        # the kernel's sums are exact integers of the int8 activations and the blocks' codes
+        expected = (x if rows > AVX2_KERNEL_ROWS else int8_blocks(x, 256)).double() @ dense.double().t()
         assert (out - expected).abs().max() <= 1e-5 * expected.abs().max(), rows

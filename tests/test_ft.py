@@ -24,6 +24,7 @@ def test_a_killed_replica_group_heals_from_a_live_peer_and_the_survivor_never_re
            "data.seq_len=64", "training.batch_size=8", f"training.steps={STEPS}", "optim.warmup_steps=2",
            "eval.every=-1", "metrics.peak_tflops=1", "metrics.tensorboard=false", "metrics.plot=false",
            "checkpoint.every=0", "checkpoint.export=false", "ft.replicas=2", "ft.timeout_s=2",
+           "faults.fingerprint_every=2",  # from the first step on, the groups hold the same parameters
            "faults.inject=['kill:step=4:rank=1']", f"run.dir={run}"]
     result = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                             text=True, timeout=140)
@@ -57,3 +58,24 @@ def test_a_killed_replica_group_heals_from_a_live_peer_and_the_survivor_never_re
     assert sorted(set(steps)) == list(range(1, STEPS + 1)) and not any(
         r.get("replayed") for r in read_jsonl(run / "metrics.jsonl")), steps
     assert of("end", step=STEPS)
+    assert not of("fault", kind="replica_mismatch"), events
+
+
+def test_across_hosts_a_group_is_reached_at_ft_host(monkeypatch):
+    """The heal is fetched from the address a group advertises: ft.host, not this host's name (which the other
+    hosts may not resolve); gloo binds the interface that holds ft.host, and an ft.host of no interface here is an
+    error naming it."""
+    from datetime import timedelta
+
+    from llama3.train.config import ConfigError
+    from llama3.train.ft import transport_at, use_interface_of
+    transport = transport_at("10.1.2.3", timedelta(seconds=1))
+    try:
+        assert transport.address().startswith("http://10.1.2.3:") and transport.address().endswith("/checkpoint/")
+    finally:
+        transport.shutdown(wait=False)
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    use_interface_of("127.0.0.1")  # one host: gloo's default is right
+    assert "GLOO_SOCKET_IFNAME" not in os.environ
+    with pytest.raises(ConfigError, match="ft.host 192.0.2.77 is not an address of this host"):
+        use_interface_of("192.0.2.77")

@@ -15,7 +15,8 @@ from llama3.args import ModelArgs, RopeScaling
 from llama3.generate import generate_tokens
 from llama3.llama import build_model
 from llama3.model import Transformer, rope_frequencies
-from llama3.quantize import dequantize_int4, is_layer_linear, quantize_checkpoint
+from llama3.fast import avx2_kernels
+from llama3.quantize import KQuantEmbedding, KQuantLinear, dequantize_int4, is_layer_linear, quantize_checkpoint
 from llama3.weights import WeightsError, read_checkpoint
 from llama3.weights.gguf import GGUFFile, read_tensor, supported_types
 
@@ -176,6 +177,38 @@ def test_q4_k_stays_int4_and_q6_k_int8(llama3_ggufs):
         ref = model.eval()(tokens)
     out = build_model(ckpt)(tokens).float()
     assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+@pytest.mark.skipif(avx2_kernels() is None, reason="the file's blocks are kept on AVX2-only CPUs with a C compiler")
+def test_q4_k_m_keeps_the_files_blocks_on_avx2(llama3_ggufs, tmp_path, monkeypatch, one_thread):
+    """int4 on AVX2: Q4_K and Q6_K tensors are multiplied as the file stores them, the tied Q6_K embedding is one
+    copy for the lookup and the output; prompts compute the dequantized fp32 math, decoding the same on int8
+    activations; the conversion cache gives the same model back."""
+    monkeypatch.setenv("LLAMA3_HOME", str(tmp_path))
+    path = llama3_ggufs["Q4_K_M"]
+    reference, types = reference_weights(path)
+    model = Transformer(LLAMA3_TINY)  # the quantized schemes keep norms in bf16
+    model.load_state_dict({k: v.bfloat16().float() if v.ndim == 1 else v for k, v in reference.items()}, strict=False)
+    model.output.weight = model.tok_embeddings.weight
+    model.eval()
+    llm = llama3.load(path, quantize="int4")
+    ours = llm.model
+    for name, module in ours.named_modules():
+        if is_layer_linear(f"{name}.weight"):
+            assert isinstance(module, KQuantLinear) and module.kind == types[gguf_name(f"{name}.weight")], name
+    assert isinstance(ours.tok_embeddings, KQuantEmbedding) and ours.tok_embeddings.kind == "Q6_K"
+    assert ours.output.weight is ours.tok_embeddings.weight
+    tokens = torch.randint(0, LLAMA3_TINY.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = model(tokens), ours(tokens)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()  # prompt rows: fp32 tiles of the file's values
+    prompt = llm.encode_prompt("The capital of France is")
+    decoded = [step[0] for step in generate_tokens(ours, [prompt], max_new_tokens=6)]
+    assert decoded == greedy(model, prompt, 6)
+    monkeypatch.setattr(llama3.llama, "read_checkpoint", lambda *a, **k: pytest.fail("converted again"))
+    again = llama3.load(path, quantize="int4").model  # from the conversion cache
+    assert isinstance(again.output, KQuantLinear) and again.output.weight is again.tok_embeddings.weight
+    assert [step[0] for step in generate_tokens(again, [prompt], max_new_tokens=6)] == decoded
 
 
 @pytest.mark.parametrize("file_type", SMALL_FILE_TYPES)

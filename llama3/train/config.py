@@ -129,6 +129,7 @@ class FTConfig:
     restarting; it comes back by copying a live peer's state (llama3/train/ft.py, docs/RELIABILITY.md)."""
     replicas: int = 0  # data-parallel replica groups, one process each (0: off; the torchrun path)
     replica_id: int | None = None  # which group this process is (set by `llama3 train`'s launcher, or by hand)
+    groups: list[int] | None = None  # the groups this host's launcher starts and restarts (None: all of them)
     lighthouse: str | None = None  # http://HOST:PORT of the quorum server; None: `llama3 train` serves one
     host: str = "127.0.0.1"  # the address the other groups reach this one at (across hosts: this host's)
     timeout_s: float = 2.0  # a collective slower than this fails the step; the group that is late is dropped
@@ -326,6 +327,13 @@ def validate_loop(cfg: LoopConfig) -> None:
     if cfg.ft.replicas:
         if cfg.ft.replica_id is not None and not 0 <= cfg.ft.replica_id < cfg.ft.replicas:
             raise ConfigError(f"ft.replica_id {cfg.ft.replica_id} must be in [0, ft.replicas={cfg.ft.replicas})")
+        if cfg.ft.groups is not None and (not cfg.ft.groups or not all(
+                0 <= g < cfg.ft.replicas for g in cfg.ft.groups) or len(set(cfg.ft.groups)) < len(cfg.ft.groups)):
+            raise ConfigError(f"ft.groups {cfg.ft.groups} must name distinct groups in [0, ft.replicas="
+                              f"{cfg.ft.replicas})")
+        if cfg.ft.groups is not None and cfg.ft.lighthouse is None:
+            raise ConfigError("ft.groups (some of the groups on this host) needs ft.lighthouse, the quorum server "
+                              "every host's groups reach (python -m llama3.train.ft lighthouse)")
         if t.batch_size % cfg.ft.replicas:
             raise ConfigError(f"training.batch_size {t.batch_size} must be a multiple of ft.replicas "
                               f"{cfg.ft.replicas}")

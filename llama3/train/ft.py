@@ -11,7 +11,7 @@ from a live peer's memory instead of reading a checkpoint from disk.
 
     llama3 train ft.replicas=3 ...                       # launcher + lighthouse here, 3 groups
     python -m llama3.train.ft lighthouse --bind [::]:29510   # or a lighthouse of its own, for groups on many hosts
-    llama3 train ft.replicas=3 ft.replica_id=0 ft.lighthouse=http://HOST:29510 ft.host=ADDR ...   # one group
+    llama3 train ft.replicas=2 ft.groups=[1] ft.lighthouse=http://HOST0:29510 ft.host=ADDR ...   # this host's groups
 
 One process per replica group here (FT-DDP). Group r takes block r of each global batch, so while a group is away
 its block of each step is not trained on (those steps average over fewer rows): the difference from a fault-free
@@ -21,8 +21,10 @@ run.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +37,34 @@ def lighthouse(bind: str, min_replicas: int = 1, join_timeout_ms: int = 100, hea
     from torchft._torchft import LighthouseServer
     return LighthouseServer(bind=bind, min_replicas=min_replicas, join_timeout_ms=join_timeout_ms,
                             quorum_tick_ms=10, heartbeat_timeout_ms=heartbeat_timeout_ms)
+
+
+def use_interface_of(host: str) -> None:
+    """Gloo binds the address this host's name resolves to (often none, or a loopback one: the peers' first
+    collective then hangs); a group reached at `host` must talk from the interface that holds it."""
+    from .config import ConfigError
+    from .network import interface_of
+    address = socket.gethostbyname(host)
+    if os.environ.get("GLOO_SOCKET_IFNAME") or ipaddress.ip_address(address).is_loopback:
+        return
+    name = interface_of(address)
+    if name is None:
+        raise ConfigError(f"ft.host {host} is not an address of this host: give the address the other replica "
+                          "groups reach this one at (or set GLOO_SOCKET_IFNAME)")
+    os.environ["GLOO_SOCKET_IFNAME"] = name
+
+
+def transport_at(host: str, timeout: timedelta):
+    """torchft's HTTP transport, which a healing group copies a live peer's state through, advertised at `host`:
+    torchft's own advertises this host's name, which the other hosts may not resolve (the heal then fails)."""
+    from torchft.checkpointing.http_transport import HTTPTransport
+
+    class Transport(HTTPTransport):
+        def address(self) -> str:
+            netloc = f"[{host}]" if ":" in host else host
+            return f"http://{netloc}:{self._server.socket.getsockname()[1]}/checkpoint/"
+
+    return Transport(timeout=timeout, num_chunks=0)
 
 
 class ReplicaGroup:
@@ -55,11 +85,13 @@ class ReplicaGroup:
             self._load(state)
             self.healed_at = time.time()
 
+        use_interface_of(ft.host)
         # the quorum's gloo group rendezvouses in one member's store, so the others must reach it at ft.host
         self.store = TCPStore("0.0.0.0", 0, is_master=True, wait_for_workers=False)
         timeout = timedelta(seconds=ft.timeout_s)
         self.manager = Manager(
             pg=ProcessGroupGloo(timeout=timeout), min_replica_size=1, load_state_dict=load, state_dict=state_dict,
+            checkpoint_transport=transport_at(ft.host, timeout),
             use_async_quorum=False,  # a healing group loads its peer's state before the step, not during it
             replica_id=f"replica{self.id}", lighthouse_addr=ft.lighthouse, store_addr=ft.host,
             store_port=self.store.port, rank=0, world_size=1, timeout=timeout,
@@ -158,8 +190,10 @@ def launch(cfg, config: str | None, overrides: list[str], run_dir: str) -> None:
                                  "serve_as_spare(sys.argv[1:])", *base], env=replica_env(), stdin=subprocess.PIPE,
                                 text=True)
 
-    print(f"torchft lighthouse {address}; {ft.replicas} replica groups -> {run_dir}", file=sys.stderr, flush=True)
-    procs = {i: start(i, heal=False) for i in range(ft.replicas)}
+    here = range(ft.replicas) if ft.groups is None else ft.groups
+    print(f"torchft lighthouse {address}; replica groups {list(here)} of {ft.replicas} here -> {run_dir}",
+          file=sys.stderr, flush=True)
+    procs = {i: start(i, heal=False) for i in here}
     spares = [start_spare() for _ in range(ft.spares)]
     restarts = 0
     try:
@@ -176,7 +210,8 @@ def launch(cfg, config: str | None, overrides: list[str], run_dir: str) -> None:
                 if restarts > ft.max_restarts:
                     raise SystemExit(f"replica group {i} exited with code {code}; ft.max_restarts "
                                      f"({ft.max_restarts}) used up")
-                heal = bool(procs)
+                # groups on other hosts may be alive to heal from; with none, the group reads the disk (ft_join)
+                heal = bool(procs) or ft.groups is not None
                 spare = next((s for s in spares if s.poll() is None), None) if heal else None
                 events.action("relaunch", f"replica group {i} exited with code {code}; started again ("
                               + ("heals from a live peer" if heal else "no group left: from the newest checkpoint")

@@ -269,6 +269,7 @@ class Trainer:
             log=self.events.note)
         self.memory = MemoryCheckpoint(self.checkpointer.state)
         restarted = restart_faults(self.events, previous, self.world_size) if is_rank0() else []
+        self.previous_world = [s["host"] for s in previous]
         self.beat("checkpoint load", startup=True)
         if cfg.checkpoint.enabled and cfg.checkpoint.resume:
             self.step = self.checkpointer.load_latest() or 0
@@ -585,6 +586,11 @@ class Trainer:
         if restarted:
             self.events.action("restart", f"the {'replica group' if self.cfg.ft.replicas else 'job'} restarted "
                                f"(attempt {attempt}) and resumes from {resumed}", attempt=attempt, resumed=resumed)
+        if self.world_size < len(self.previous_world):  # torchrun went on with the hosts that remain (--nnodes)
+            gone = sorted(set(self.previous_world) - set(hosts))
+            self.events.action("scale_down", f"the job goes on with {self.world_size} of {len(self.previous_world)}"
+                               f" processes, without host(s) {', '.join(gone) or '?'}", processes=self.world_size,
+                               hosts=",".join(gone))
         self.beat("first step")  # ends the last start-up phase
         phases = {k: round(v, 2) for k, v in self.startup.items()}
         self.events.write("start", f"start {attempt}: {self.world_size} process(es) on "
@@ -683,12 +689,19 @@ class Trainer:
     # ---- torchft replica groups (ft.py) --------------------------------------------------------------------------
 
     def live_state(self) -> dict:
-        """What a healing group copies from this one: everything a checkpoint holds but the RNGs."""
-        return {k: self.checkpointer.state[k].state_dict() for k in ("model", "optimizer", "progress")}
+        """What a healing group copies from this one: everything a checkpoint holds but the RNGs, and whether its
+        optimizer has stepped yet (the first quorum heals a fresh run's groups to one initialisation)."""
+        stepped = any(opt.state for opt in self.optimizers)
+        return {"stepped": stepped, **{k: self.checkpointer.state[k].state_dict()
+                                       for k in ("model", "optimizer", "progress")}}
 
     def load_live_state(self, state: dict) -> None:
         for k, v in state.items():
-            self.checkpointer.state[k].load_state_dict(v)
+            if k != "stepped":
+                self.checkpointer.state[k].load_state_dict(v)
+        if not state["stepped"]:  # a state dict fills an unstepped Adam with a zero step, which its sender dropped
+            for opt in self.optimizers:
+                opt.state.clear()
 
     def ft_join(self) -> None:
         """Before the first step: join the quorum. A fresh start (or a restart of every group from disk) waits for
